@@ -1,0 +1,37 @@
+"""ifp-compile: instruction-following pruning as a compiler over torch.export graphs.
+
+    import ifp_compile as ifp
+    ep = ifp.export(model, (input_ids,))
+    blocks = ifp.find_ffn_blocks(ep)
+    masked = ifp.insert_masks(ep)                      # input ffn_masks: one 1-D mask per block
+    small = ifp.specialize(masked, mask=masks)         # smaller dense ExportedProgram
+    prog = ifp.insert_masks(ep, predictor=pred)        # input instruction_ids instead
+    small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
+"""
+
+from .blocks import FFNBlock, ParamSlice
+from .capture import CausalLMLogits, export
+from .errors import IFPError, InstructionError, MaskError, NoFFNFoundError, ProgramError
+from .passes import find_ffn_blocks, insert_masks, predict_masks, specialize
+from .stats import count_parameters, kept_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLMLogits",
+    "FFNBlock",
+    "IFPError",
+    "InstructionError",
+    "MaskError",
+    "NoFFNFoundError",
+    "ParamSlice",
+    "ProgramError",
+    "count_parameters",
+    "export",
+    "find_ffn_blocks",
+    "insert_masks",
+    "kept_parameters",
+    "predict_masks",
+    "specialize",
+    "__version__",
+]

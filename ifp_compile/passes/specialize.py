@@ -1,0 +1,262 @@
+"""Specialisation = partial evaluation of the masked program on a concrete mask.
+
+For a block with intermediate activation ``h(x)`` and mask ``m``, let ``S`` be the
+kept channels (``m_c != 0``). Then
+
+    W_down (m * h(x)) = W_down[:, S] diag(m_S) h_S(x)
+
+and ``h_S`` uses only rows ``S`` of the gate/up weights and biases (and entries ``S`` of
+any per-channel parameter in the pointwise region), because every op between the
+projections is pointwise along the intermediate axis. That one line is the proof
+obligation the property tests check. So the pass
+
+1. evaluates the predictor branch alone on the instruction (it does not depend on
+   the model's inputs) when given an instruction, giving concrete masks;
+2. index-selects the kept channels of every tensor on the intermediate axis (with
+   ``offsets`` for fused gate+up weights), multiplies non-binary mask values into the
+   kept columns of ``W_down``, and rewrites width literals (``view`` sizes, ``split``
+   sizes) in the region;
+3. deletes the mask multiplies, the mask inputs and the predictor branch; a block with
+   no kept channel is replaced by ``zeros_like(x) (+ b_down)``;
+4. refreshes ``meta["val"]`` of every node it touched and rebuilds the program
+   (``program_edit.rebuild_program`` checks metadata and validates).
+
+Parameters that are not sliced are shared with the source program, never copied; the
+source program is never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..blocks import FFNBlock
+from ..errors import InstructionError, MaskError, ProgramError
+from ..graph_utils import (
+    INSTRUCTION_INPUT,
+    backward_closure,
+    mask_branch,
+    input_specs_by_node,
+    state_tensor,
+    user_input_nodes,
+)
+from ..masks import instruction_ids, validate_masks
+from .discover_ffn import VIEW_OPS, find_ffn_blocks
+from .program_edit import copy_graph_module, eliminate_dead_code, node_by_name, rebuild_program
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------
+# 1. the predictor branch
+# --------------------------------------------------------------------------------------
+def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Evaluate only the predictor branch of ``program`` on ``ids``."""
+    nodes = node_by_name(program.graph)
+    sources = [nodes[b.mask_source] for b in blocks if b.mask_source is not None]
+    if len(sources) != len(blocks):
+        raise InstructionError("the program's masks do not all come from its predictor branch")
+    needed = backward_closure(sources)
+    specs = input_specs_by_node(program)
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    inputs = []
+    for n in program.graph.nodes:
+        if n not in needed:
+            continue
+        if n.op == "placeholder":
+            spec = specs[n.name]
+            if spec.kind == InputKind.USER_INPUT:
+                if n.name != INSTRUCTION_INPUT:
+                    raise ProgramError(f"the predictor branch reads the model input {n.name}")
+                inputs.append(ids)
+            else:
+                inputs.append(state_tensor(program, spec))
+            env[n] = graph.placeholder(n.name)
+        else:
+            env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output([env[s] for s in sources])
+    branch = GraphModule(program.graph_module, graph)
+    with torch.no_grad():
+        return [m.detach() for m in branch(*inputs)]
+
+
+# --------------------------------------------------------------------------------------
+# 2-3. folding one block
+# --------------------------------------------------------------------------------------
+class _Folder:
+    def __init__(self, program: ExportedProgram):
+        self.program = program
+        self.gm = copy_graph_module(program)
+        self.graph = self.gm.graph
+        self.nodes = node_by_name(self.graph)
+        self.specs = input_specs_by_node(program)
+        self.state_dict = dict(program.state_dict)
+        self.constants = dict(program.constants)
+        self.new_specs: dict[str, InputSpec] = {}
+        self.branch = {n.name for n in mask_branch(program)}  # deleted wholesale at the end
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        self.fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def _fake(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fake_mode.from_tensor(t, static_shapes=True)
+
+    def _set_tensor(self, key: str, spec: InputSpec, value: torch.Tensor) -> None:
+        if spec.kind == InputKind.CONSTANT_TENSOR or key in self.constants:
+            self.constants[key] = value
+        elif isinstance(self.program.state_dict.get(key), torch.nn.Parameter):
+            self.state_dict[key] = torch.nn.Parameter(value, requires_grad=self.program.state_dict[key].requires_grad)
+        else:
+            self.state_dict[key] = value
+
+    def _private_placeholder(self, block: FFNBlock, ph: Node, key: str, owners: set[Node]) -> Node:
+        """A new parameter placeholder for a shared tensor; only the block's nodes read it."""
+        new_key = f"{key}_ifp_ffn{block.index}"
+        name = new_key.replace(".", "_")
+        params = [n for n in self.graph.nodes if n.op == "placeholder"
+                  and self.specs.get(n.name, None) is not None and self.specs[n.name].kind == InputKind.PARAMETER]
+        anchor = params[-1] if params else next(n for n in self.graph.nodes if n.op == "placeholder")
+        with self.graph.inserting_after(anchor):
+            new = self.graph.placeholder(name)
+        new.meta = dict(ph.meta)
+        for user in list(ph.users):
+            if user in owners:
+                user.replace_input_with(ph, new)
+        self.new_specs[new.name] = InputSpec(
+            kind=InputKind.PARAMETER, arg=TensorArgument(name=new.name), target=new_key, persistent=None
+        )
+        self.specs[new.name] = self.new_specs[new.name]
+        return new
+
+    def fold(self, block: FFNBlock, mask: torch.Tensor) -> None:
+        keep = torch.nonzero(mask).flatten()
+        if keep.numel() == 0:
+            self._remove(block)
+            return
+        scale = mask[keep]
+        soft = not bool((scale == 1).all())
+        region = [self.nodes[r] for r in block.region]
+        owners = set(region) | {self.nodes[block.down_node]}
+        for ps in block.params:
+            ph = self.nodes[ps.placeholder]
+            spec = self.specs[ps.placeholder]
+            source = state_tensor(self.program, spec)
+            idx = keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
+            sliced = source.index_select(ps.axis, idx)
+            if ps.role == "down" and soft:
+                shape = [1] * sliced.dim()
+                shape[ps.axis] = -1
+                sliced.mul_(scale.to(sliced.dtype).view(shape))
+            if ps.key in block.shared_params:
+                ph = self._private_placeholder(block, ph, ps.key, owners)
+                spec = self.specs[ph.name]
+            self._set_tensor(spec.target, spec, sliced)
+            ph.meta["val"] = self._fake(sliced)
+        k, w = keep.numel(), block.width
+        if block.mask_node is not None:
+            mnode = self.nodes[block.mask_node]
+            hidden = self.nodes[block.hidden_node]
+            mnode.replace_all_uses_with(hidden)
+            self.graph.erase_node(mnode)
+            region = [r for r in region if r is not mnode]
+        for n in region:
+            self._rewrite_width_literals(n, w, k)
+        self._refresh_meta(region + [self.nodes[block.down_node]])
+
+    def _rewrite_width_literals(self, n: Node, w: int, k: int) -> None:
+        if n.target in VIEW_OPS:
+            shape = list(n.args[1])
+            if shape and shape[-1] == w:
+                shape[-1] = k
+                n.args = (n.args[0], shape) + tuple(n.args[2:])
+        elif n.target is aten.split.Tensor and n.args[1] == w:
+            n.args = (n.args[0], k) + tuple(n.args[2:])
+        elif n.target is aten.split_with_sizes.default:
+            n.args = (n.args[0], [k if s == w else s for s in n.args[1]]) + tuple(n.args[2:])
+
+    def _refresh_meta(self, nodes: list[Node]) -> None:
+        """Recompute ``meta["val"]`` of ``nodes`` (in graph order) under the program's fake mode."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        todo = sorted(set(nodes), key=order.__getitem__)
+        with self.fake_mode:
+            for n in todo:
+                if n.op != "call_function":
+                    continue
+                args = map_arg(n.args, lambda a: a.meta["val"])
+                kwargs = map_arg(n.kwargs, lambda a: a.meta["val"])
+                n.meta["val"] = n.target(*args, **kwargs)
+
+    def _remove(self, block: FFNBlock) -> None:
+        """No channel kept: the block's output is ``zeros_like(x) (+ b_down)``."""
+        down = self.nodes[block.down_node]
+        region = [self.nodes[r] for r in block.region]
+        leaf = next(r for r in region if r.op == "call_function" and r.target in (
+            aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default))
+        x = leaf.args[1] if leaf.target is aten.addmm.default else leaf.args[0]
+        out_shape, x_shape = down.meta["val"].shape, x.meta["val"].shape
+        if len(out_shape) != len(x_shape) or any(str(a) != str(b) for a, b in zip(out_shape, x_shape)):
+            raise ProgramError(
+                f"FFN block {block.index} ({block.name}): cannot drop every channel, its output "
+                f"shape {tuple(out_shape)} differs from its input shape {tuple(x_shape)}"
+            )
+        with self.graph.inserting_before(down):
+            out = self.graph.call_function(aten.zeros_like.default, (x,))
+            if block.down_bias is not None:
+                bias = down.args[0] if down.target is aten.addmm.default else down.args[2]
+                out = self.graph.call_function(aten.add.Tensor, (out, bias))
+        down.replace_all_uses_with(out)
+        self._refresh_meta([out] if block.down_bias is None else [out.args[0], out])
+
+    def finish(self) -> ExportedProgram:
+        eliminate_dead_code(self.graph, removable=self.branch)
+        return rebuild_program(
+            self.program, self.gm, state_dict=self.state_dict, constants=self.constants, new_specs=self.new_specs
+        )
+
+
+# --------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------
+def specialize(
+    program: ExportedProgram,
+    instruction: str | torch.Tensor | None = None,
+    *,
+    mask=None,
+    tokenizer=None,
+) -> ExportedProgram:
+    """A smaller dense ExportedProgram equal to ``program`` evaluated with one mask.
+
+    Give either ``instruction`` (text with ``tokenizer=``, or token ids ``[1, T]``; the
+    program must have a predictor branch) or ``mask=`` (one 1-D tensor per FFN block,
+    in execution order). ``program`` may be a masked program, a program with a
+    predictor branch, or a plain exported program (then ``mask`` means the masked
+    reference semantics). The result has no mask inputs and no mask ops.
+    """
+    if not isinstance(program, ExportedProgram):
+        raise ProgramError(f"specialize() takes a torch.export.ExportedProgram, got {type(program).__name__}")
+    if instruction is not None and mask is not None:
+        raise InstructionError("give either an instruction or mask=, not both")
+    if instruction is None and mask is None:
+        raise InstructionError("specialize() needs an instruction (with a predictor branch) or mask=")
+    blocks = find_ffn_blocks(program)
+    if instruction is not None:
+        has_predictor = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(program))
+        if not has_predictor:
+            raise InstructionError(
+                "this program has no predictor branch: build it with "
+                "insert_masks(ep, predictor=...) or pass mask= instead of an instruction"
+            )
+        mask = predict_masks(program, blocks, instruction_ids(instruction, tokenizer))
+    masks = validate_masks(mask, blocks)
+    folder = _Folder(program)
+    for block, m in zip(blocks, masks):
+        folder.fold(block, m)
+    return folder.finish()
+
+
+__all__ = ["specialize", "predict_masks", "MaskError"]

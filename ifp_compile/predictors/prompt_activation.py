@@ -1,0 +1,97 @@
+"""Training-free mask predictor: GRIFFIN's rule on the prompt's FFN activations.
+
+During the instruction's forward pass, take each token's FFN intermediate activation
+``h_t`` (the input of the down projection), normalise it to unit L2 norm, take each
+channel's L2 norm over the tokens, and keep the top-k channels per block:
+
+    s_c = || (h_t[c] / ||h_t||)_t ||_2 ,   m = 1[c in TopK(s, k)]
+
+The activations come from a *probe*: the model's own exported graph with every
+block's ``h`` (found by :func:`find_ffn_blocks`) as outputs and the LM head cut off.
+No forward hooks, no module names: it works for every model discovery understands.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
+
+from ..capture import export, is_hf_causal_lm
+from ..errors import ProgramError
+from ..passes.discover_ffn import find_ffn_blocks
+from ..passes.program_edit import eliminate_dead_code
+from .base import MaskPredictor, keep_counts
+
+
+def _has_dynamic_seq(ep: ExportedProgram) -> bool:
+    from ..graph_utils import user_input_nodes
+
+    users = user_input_nodes(ep)
+    return bool(users) and any(not isinstance(s, int) for s in users[0].meta["val"].shape)
+
+
+def activation_probe(ep: ExportedProgram) -> tuple[torch.fx.GraphModule, list[int]]:
+    """``ep.module()`` rewired to return every FFN block's intermediate activation."""
+    blocks = find_ffn_blocks(ep)
+    gm = ep.module(check_guards=False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    hidden = [nodes[b.hidden_node] for b in blocks]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (list(hidden),)
+    codegen = gm.graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(
+        out_spec=pytree.tree_structure([0] * len(hidden))
+    )
+    eliminate_dead_code(gm.graph)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, [b.width for b in blocks]
+
+
+class PromptActivationPredictor(MaskPredictor):
+    """Binary masks from the instruction's own FFN activations (GRIFFIN).
+
+    ``model`` is a Hugging Face causal LM (exported here with a dynamic sequence
+    length) or an ExportedProgram whose first input has a dynamic sequence dim.
+    ``keep`` is a ratio in (0, 1] or one channel count per block.
+    """
+
+    def __init__(self, model: nn.Module | ExportedProgram, keep=0.5, *, eps: float = 1e-6):
+        super().__init__()
+        if isinstance(model, ExportedProgram):
+            ep = model
+        elif isinstance(model, nn.Module):
+            if not is_hf_causal_lm(model):
+                raise ProgramError(
+                    "PromptActivationPredictor needs a causal LM reading token ids: a Hugging Face "
+                    "model, or an ExportedProgram of one with a dynamic sequence dim"
+                )
+            ep = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+        else:
+            raise ProgramError(f"PromptActivationPredictor(model=...): got {type(model).__name__}")
+        if not _has_dynamic_seq(ep):
+            raise ProgramError(
+                "PromptActivationPredictor: the program was exported with a static sequence length, "
+                "so it cannot read instructions of other lengths; export with dynamic_shapes='seq'"
+            )
+        self.probe, self.widths = activation_probe(ep)
+        self.counts = keep_counts(self.widths, keep)
+        self.eps = eps
+
+    def channel_scores(self, instruction_ids: torch.Tensor) -> list[torch.Tensor]:
+        """GRIFFIN's per-channel score for every block (higher = keep)."""
+        scores = []
+        for h, w in zip(self.probe(instruction_ids), self.widths):
+            a = h.reshape(-1, w).float()
+            a = a / a.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+            scores.append(a.norm(dim=0))
+        return scores
+
+    def forward(self, instruction_ids: torch.Tensor) -> list[torch.Tensor]:
+        masks = []
+        for s, k in zip(self.channel_scores(instruction_ids), self.counts):
+            idx = torch.topk(s, k).indices
+            masks.append(torch.zeros_like(s).index_fill(0, idx, 1.0))
+        return masks
