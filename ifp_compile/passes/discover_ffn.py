@@ -151,6 +151,16 @@ def as_projection(node: Node, specs) -> Projection | None:
     return None
 
 
+def _static_numel(v: torch.Tensor) -> int | None:
+    """numel when every dim is static (symbolic arithmetic is slow and guards)."""
+    n = 1
+    for s in v.shape:
+        if not isinstance(s, int):
+            return None
+        n *= s
+    return n
+
+
 def _strip_views(node: Node) -> Node:
     while isinstance(node, Node) and node.op == "call_function" and node.target in VIEW_OPS:
         node = node.args[0]
@@ -215,17 +225,18 @@ class FFNDiscovery:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.mask_branch = mask_branch(ep)
         self.claimed: set[Node] = set()
+        self.by_name = {n.name: n for n in self.nodes}
 
     # -- walking -------------------------------------------------------------------
     def _carries_width(self, node: Node, w: int) -> bool:
         v = val(node)
-        return v is not None and v.dim() >= 1 and last_dim(node) == w and v.numel() != 1
+        return v is not None and v.dim() >= 1 and last_dim(node) == w and _static_numel(v) != 1
 
     def _is_broadcast_constant(self, node: Node, w: int) -> bool:
         v = val(node)
         if v is None:
             return False
-        return v.dim() == 0 or v.numel() == 1 or (v.shape[-1] == 1 and w != 1)
+        return v.dim() == 0 or _static_numel(v) == 1 or (last_dim(node) == 1 and w != 1)
 
     def _walk(self, down: Projection) -> _Walk:
         start = down.node.args[1] if down.node.target is aten.addmm.default else down.node.args[0]
@@ -391,7 +402,7 @@ class FFNDiscovery:
             owners.update(p.extra)
         shared = []
         for ps in params:
-            ph = next(n for n in self.nodes if n.name == ps.placeholder)
+            ph = self.by_name[ps.placeholder]
             if any(u not in owners and u not in self.mask_branch for u in ph.users):
                 shared.append(ps.key)
 
@@ -437,8 +448,7 @@ class FFNDiscovery:
             except _Reject:
                 continue
             blocks.append(block)
-            by_name = {m.name: m for m in self.nodes}
-            self.claimed.update(by_name[r] for r in block.region)
+            self.claimed.update(self.by_name[r] for r in block.region)
             self.claimed.add(n)
         return blocks
 
@@ -470,6 +480,11 @@ def find_ffn_blocks(ep: ExportedProgram, *, require: bool = True) -> list[FFNBlo
             "capture a model first with ifp_compile.export(model, example_args)"
         )
     blocks = FFNDiscovery(ep).run()
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):  # e.g. ModuleList of downs: label by position instead
+        import dataclasses
+
+        blocks = [dataclasses.replace(b, name=f"{b.name}.{b.index}") for b in blocks]
     if require and not blocks:
         raise NoFFNFoundError(
             f"no FFN block found in the program ({len(ep.graph.nodes)} nodes). Patterns tried: "

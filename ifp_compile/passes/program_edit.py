@@ -29,36 +29,37 @@ from torch.export.graph_signature import (
     InputSpec,
     TensorArgument,
 )
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 from torch.utils import _pytree as pytree
 
 from ..errors import ProgramError
 from ..graph_utils import ASSERT_OPS, state_tensor
 
 
-def copy_graph_module(ep: ExportedProgram) -> GraphModule:
-    """A structural copy of ``ep.graph_module`` (nodes and meta dicts copied, tensors shared)."""
+def copy_graph(ep: ExportedProgram) -> torch.fx.Graph:
+    """A structural copy of ``ep.graph`` (nodes and meta dicts copied, tensors shared).
+
+    Passes edit the copy and hand it to :func:`rebuild_program`, which compiles it once;
+    building a GraphModule here too would generate the Python code twice.
+    """
     graph = torch.fx.Graph()
-    graph._codegen = copy.deepcopy(ep.graph._codegen)
     rv, old_out = graph.graph_copy(ep.graph, {}, return_output_node=True)
     new_out = graph.output(rv)  # graph_copy stops at the output node without emitting it
     new_out.meta = copy.copy(old_out.meta)
-    gm = GraphModule(ep.graph_module, graph)
-    gm.meta.update(ep.graph_module.meta)
-    return gm
+    return graph
 
 
-def fake_like(ep_or_gm_graph: torch.fx.Graph, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake tensor for ``tensor`` in the fake mode of ``graph`` (for ``meta["val"]``)."""
+def fake_mode_of(graph: torch.fx.Graph):
+    """The fake mode the program's ``meta["val"]`` tensors live in."""
     from torch._guards import detect_fake_mode
 
-    vals = [n.meta.get("val") for n in ep_or_gm_graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is None:  # pragma: no cover - every exported program has one
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode()
-    return mode.from_tensor(tensor, static_shapes=True)
+    return mode
 
 
 def eliminate_dead_code(graph: torch.fx.Graph, removable: set[str] = frozenset()) -> None:
@@ -185,13 +186,13 @@ def _new_example_inputs(ep: ExportedProgram, removed: set[str], trees) -> Any:
 
 def rebuild_program(
     ep: ExportedProgram,
-    gm: GraphModule,
+    graph: torch.fx.Graph,
     *,
     state_dict: dict[str, torch.Tensor],
     constants: dict[str, Any] | None = None,
     new_specs: dict[str, InputSpec] | None = None,
 ) -> ExportedProgram:
-    """A new ExportedProgram for the edited copy ``gm`` of ``ep``'s graph.
+    """A new ExportedProgram for the edited copy ``graph`` of ``ep``'s graph.
 
     ``new_specs`` gives the InputSpec of placeholders the pass added. Placeholders
     that lost all users are removed here (with their state), user inputs included.
@@ -199,14 +200,14 @@ def rebuild_program(
     new_specs = new_specs or {}
     old_specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     removed_user_inputs: set[str] = set()
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if node.op == "placeholder" and not node.users:
             spec = new_specs.get(node.name) or old_specs.get(node.name)
             if spec is not None and spec.kind == InputKind.USER_INPUT:
                 removed_user_inputs.add(node.name)
-            gm.graph.erase_node(node)
+            graph.erase_node(node)
     input_specs = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "placeholder":
             continue
         spec = new_specs.get(node.name) or old_specs.get(node.name)
@@ -218,10 +219,9 @@ def rebuild_program(
     consts = {k: v for k, v in (constants if constants is not None else ep.constants).items() if k in used}
     signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(ep.graph_signature.output_specs))
     call_graph, trees = _new_call_graph(ep, removed_user_inputs)
-    gm.recompile()
-    new_ep = ExportedProgram(
-        root=gm,
-        graph=gm.graph,
+    new_ep = ExportedProgram(  # compiles the graph once and runs the verifier
+        root=ep.graph_module,
+        graph=graph,
         graph_signature=signature,
         state_dict=sd,
         range_constraints=copy.copy(ep.range_constraints),
@@ -231,7 +231,6 @@ def rebuild_program(
         verifiers=ep.verifiers,
     )
     check_placeholder_meta(new_ep)
-    new_ep.validate()
     return new_ep
 
 

@@ -45,7 +45,7 @@ from ..graph_utils import (
 )
 from ..masks import instruction_ids, validate_masks
 from .discover_ffn import VIEW_OPS, find_ffn_blocks
-from .program_edit import copy_graph_module, eliminate_dead_code, node_by_name, rebuild_program
+from .program_edit import copy_graph, eliminate_dead_code, fake_mode_of, node_by_name, rebuild_program
 
 aten = torch.ops.aten
 
@@ -90,18 +90,14 @@ def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.T
 class _Folder:
     def __init__(self, program: ExportedProgram):
         self.program = program
-        self.gm = copy_graph_module(program)
-        self.graph = self.gm.graph
+        self.graph = copy_graph(program)
         self.nodes = node_by_name(self.graph)
         self.specs = input_specs_by_node(program)
         self.state_dict = dict(program.state_dict)
         self.constants = dict(program.constants)
         self.new_specs: dict[str, InputSpec] = {}
         self.branch = {n.name for n in mask_branch(program)}  # deleted wholesale at the end
-        from torch._guards import detect_fake_mode
-
-        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
-        self.fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        self.fake_mode = fake_mode_of(self.graph)
 
     def _fake(self, t: torch.Tensor) -> torch.Tensor:
         return self.fake_mode.from_tensor(t, static_shapes=True)
@@ -166,7 +162,7 @@ class _Folder:
             region = [r for r in region if r is not mnode]
         for n in region:
             self._rewrite_width_literals(n, w, k)
-        self._refresh_meta(region + [self.nodes[block.down_node]])
+            self._resize_meta(n, w, k)
 
     def _rewrite_width_literals(self, n: Node, w: int, k: int) -> None:
         if n.target in VIEW_OPS:
@@ -179,14 +175,35 @@ class _Folder:
         elif n.target is aten.split_with_sizes.default:
             n.args = (n.args[0], [k if s == w else s for s in n.args[1]]) + tuple(n.args[2:])
 
-    def _refresh_meta(self, nodes: list[Node]) -> None:
-        """Recompute ``meta["val"]`` of ``nodes`` (in graph order) under the program's fake mode."""
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
-        todo = sorted(set(nodes), key=order.__getitem__)
+    def _resize_meta(self, n: Node, w: int, k: int) -> None:
+        """Refresh ``meta["val"]`` of a region node after its width went from ``w`` to ``k``.
+
+        Region nodes carry the intermediate dim last (``n * w`` for a fused projection),
+        so the new value is the old one with that dim scaled; building it directly is
+        much cheaper than re-running fake propagation over symbolic shapes. Weight
+        transposes (the only region nodes with the width elsewhere) are re-propagated.
+        """
+        if n.op != "call_function":
+            return
+        if n.target in (aten.t.default, aten.transpose.int, aten.permute.default):
+            with self.fake_mode:
+                n.meta["val"] = n.target(*map_arg(n.args, lambda a: a.meta["val"]), **n.kwargs)
+            return
+
+        def resize(v):
+            if isinstance(v, (list, tuple)):
+                return type(v)(resize(x) for x in v)
+            if not isinstance(v, torch.Tensor):
+                return v
+            last = v.shape[-1]
+            with self.fake_mode:
+                return v.new_empty(tuple(v.shape[:-1]) + (last // w * k,))
+
+        n.meta["val"] = resize(n.meta["val"])
+
+    def _fake_prop(self, nodes: list[Node]) -> None:
         with self.fake_mode:
-            for n in todo:
-                if n.op != "call_function":
-                    continue
+            for n in nodes:
                 args = map_arg(n.args, lambda a: a.meta["val"])
                 kwargs = map_arg(n.kwargs, lambda a: a.meta["val"])
                 n.meta["val"] = n.target(*args, **kwargs)
@@ -210,12 +227,12 @@ class _Folder:
                 bias = down.args[0] if down.target is aten.addmm.default else down.args[2]
                 out = self.graph.call_function(aten.add.Tensor, (out, bias))
         down.replace_all_uses_with(out)
-        self._refresh_meta([out] if block.down_bias is None else [out.args[0], out])
+        self._fake_prop([out] if block.down_bias is None else [out.args[0], out])
 
     def finish(self) -> ExportedProgram:
         eliminate_dead_code(self.graph, removable=self.branch)
         return rebuild_program(
-            self.program, self.gm, state_dict=self.state_dict, constants=self.constants, new_specs=self.new_specs
+            self.program, self.graph, state_dict=self.state_dict, constants=self.constants, new_specs=self.new_specs
         )
 
 
