@@ -77,3 +77,68 @@ HF_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt2-gelu"
 def hf_model(name: str, seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
     return _hf(name, **kw)
+
+
+class TinyAttention(nn.Module):
+    """Causal self-attention with grouped-query heads (n_kv divides n_heads)."""
+
+    def __init__(self, d, n_heads, n_kv, bias):
+        super().__init__()
+        self.h, self.kv, self.hd = n_heads, n_kv, d // n_heads
+        self.q = nn.Linear(d, n_heads * self.hd, bias=bias)
+        self.k = nn.Linear(d, n_kv * self.hd, bias=bias)
+        self.v = nn.Linear(d, n_kv * self.hd, bias=bias)
+        self.o = nn.Linear(n_heads * self.hd, d, bias=bias)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        rep = self.h // self.kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class TinyFFN(nn.Module):
+    def __init__(self, d, w, gated, act, bias, swap):
+        super().__init__()
+        self.gated, self.swap = gated, swap
+        self.act = {
+            "relu": torch.relu,
+            "silu": nn.functional.silu,
+            "gelu": nn.functional.gelu,
+            "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+            "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3)))),
+        }[act]
+        self.up = nn.Linear(d, w, bias=bias)
+        if gated:
+            self.gate = nn.Linear(d, w, bias=bias)
+        self.down = nn.Linear(w, d, bias=bias)
+
+    def forward(self, x):
+        if not self.gated:
+            return self.down(self.act(self.up(x)))
+        g, u = self.act(self.gate(x)), self.up(x)
+        return self.down(u * g if self.swap else g * u)
+
+
+class TinyLM(nn.Module):
+    """A configurable decoder LM: per-layer FFN widths, gated or not, any activation, biases, GQA."""
+
+    def __init__(self, d=16, widths=(32, 24), gated=True, act="silu", bias=False, n_heads=4, n_kv=2, swap=False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.attn = nn.ModuleList(TinyAttention(d, n_heads, n_kv, bias) for _ in widths)
+        self.ffn = nn.ModuleList(TinyFFN(d, w, gated, act, bias, swap) for w in widths)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for attn, ffn in zip(self.attn, self.ffn):
+            x = x + attn(x)
+            x = x + ffn(self.norm(x))
+        return self.head(x)

@@ -105,8 +105,10 @@ class _Folder:
     def _set_tensor(self, key: str, spec: InputSpec, value: torch.Tensor) -> None:
         if spec.kind == InputKind.CONSTANT_TENSOR or key in self.constants:
             self.constants[key] = value
-        elif isinstance(self.program.state_dict.get(key), torch.nn.Parameter):
-            self.state_dict[key] = torch.nn.Parameter(value, requires_grad=self.program.state_dict[key].requires_grad)
+        elif spec.kind == InputKind.PARAMETER:
+            source = self.program.state_dict.get(key)
+            requires_grad = source.requires_grad if source is not None else False
+            self.state_dict[key] = torch.nn.Parameter(value, requires_grad=requires_grad)
         else:
             self.state_dict[key] = value
 
@@ -129,6 +131,7 @@ class _Folder:
         self.specs[new.name] = self.new_specs[new.name]
         return new
 
+    @torch.no_grad()
     def fold(self, block: FFNBlock, mask: torch.Tensor) -> None:
         keep = torch.nonzero(mask).flatten()
         if keep.numel() == 0:
@@ -142,15 +145,15 @@ class _Folder:
             ph = self.nodes[ps.placeholder]
             spec = self.specs[ps.placeholder]
             source = state_tensor(self.program, spec)
+            if ps.key in block.shared_params:
+                ph = self._private_placeholder(block, ph, ps.key, owners)
+                spec = self.specs[ph.name]
             idx = keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
             sliced = source.index_select(ps.axis, idx)
             if ps.role == "down" and soft:
                 shape = [1] * sliced.dim()
                 shape[ps.axis] = -1
                 sliced.mul_(scale.to(sliced.dtype).view(shape))
-            if ps.key in block.shared_params:
-                ph = self._private_placeholder(block, ph, ps.key, owners)
-                spec = self.specs[ph.name]
             self._set_tensor(spec.target, spec, sliced)
             ph.meta["val"] = self._fake(sliced)
         k, w = keep.numel(), block.width

@@ -1,0 +1,16 @@
+"""Test configuration: hypothesis profiles, quiet progress, the real-model marker.
+
+Profiles: ``ci`` (default, fast) and ``thorough`` (many more random programs), picked
+with ``IFP_HYPOTHESIS_PROFILE=thorough``.
+"""
+
+import os
+
+os.environ.setdefault("IFP_QUIET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=False)
+settings.register_profile("ci", max_examples=12, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+settings.load_profile(os.environ.get("IFP_HYPOTHESIS_PROFILE", "ci"))

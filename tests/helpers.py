@@ -1,0 +1,43 @@
+"""Shared test helpers: exporting tiny models and drawing masks."""
+
+from __future__ import annotations
+
+import torch
+
+import ifp_compile as ifp
+
+
+def export_lm(model, batch=2, seq=7, dynamic=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g)
+    ep = ifp.export(model, (ids,), dynamic_shapes="seq" if dynamic else None)
+    return ep, ids
+
+
+def make_mask(width: int, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Masks of every shape the compiler must handle."""
+    if kind == "all":
+        return torch.ones(width)
+    if kind == "none":
+        return torch.zeros(width)
+    if kind == "one":
+        m = torch.zeros(width)
+        m[torch.randint(0, width, (1,), generator=g)] = 1.0
+        return m
+    keep = torch.rand(width, generator=g) < torch.rand(1, generator=g)
+    if kind == "binary":
+        return keep.float()
+    if kind == "soft":  # lambda * TopK(lambda): positive values on kept channels
+        return keep.float() * (torch.rand(width, generator=g) * 2 + 0.05)
+    raise KeyError(kind)
+
+
+def state_placeholder_shapes(ep):
+    """(meta shape, tensor shape) for every parameter/buffer/constant placeholder."""
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    out = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and specs[n.name].target is not None:
+            t = ep.state_dict.get(specs[n.name].target, ep.constants.get(specs[n.name].target))
+            out[specs[n.name].target] = (tuple(n.meta["val"].shape), tuple(t.shape))
+    return out

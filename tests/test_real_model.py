@@ -1,0 +1,66 @@
+"""Integration checks on the real SmolLM2-135M-Instruct (run alone: pytest -m real_model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ifp_compile as ifp
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from ifp_compile.real_model import load_smollm2
+
+    model, tok = load_smollm2()
+    ids = tok("Write a Python function that reverses a string.", return_tensors="pt")["input_ids"]
+    ep = ifp.export(model, (ids,), dynamic_shapes="seq")
+    return model, tok, ep, ids
+
+
+def test_discovers_thirty_swiglu_blocks(smollm2):
+    _, _, ep, _ = smollm2
+    blocks = ifp.find_ffn_blocks(ep)
+    assert len(blocks) == 30
+    assert all(b.width == 1536 and b.gated and b.activation == "silu" for b in blocks)
+    assert [b.name for b in blocks] == [f"lm.model.layers.{i}.mlp" for i in range(30)]
+    assert all(b.shared_params == () for b in blocks)  # lm_head is tied to embed_tokens, not to an FFN
+
+
+def test_specialized_equals_masked_reference_on_smollm2(smollm2):
+    model, _, ep, ids = smollm2
+    masked = ifp.insert_masks(ep)
+    blocks = ifp.find_ffn_blocks(masked)
+    g = torch.Generator().manual_seed(0)
+    masks = []
+    for i, b in enumerate(blocks):
+        keep = torch.randperm(b.width, generator=g)[: b.width // 2]
+        m = torch.zeros(b.width)
+        m[keep] = torch.rand(keep.numel(), generator=g) + 0.5 if i % 2 else 1.0  # binary and soft layers
+        masks.append(m)
+    with torch.no_grad():
+        ones = [torch.ones(b.width) for b in blocks]
+        assert torch.equal(masked.module()(ids, ones), ep.module()(ids))
+        ref = masked.module()(ids, masks)
+        small = ifp.specialize(masked, mask=masks)
+        out = small.module()(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-4)
+    dense = ifp.count_parameters(ep)
+    assert dense == 134_515_008  # embedding tied with lm_head, counted once
+    assert ifp.count_parameters(small) == dense - 30 * 768 * 3 * 576
+
+
+def test_instruction_specialization_on_smollm2(smollm2):
+    from ifp_compile.predictors import PromptActivationPredictor
+
+    model, tok, ep, ids = smollm2
+    pred = PromptActivationPredictor(ep, keep=0.5)
+    prog = ifp.insert_masks(ep, predictor=pred)
+    small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
+    masks = pred(tok("Solve this math word problem.", return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        ref = ifp.insert_masks(ep).module()(ids, masks)
+        torch.testing.assert_close(small.module()(ids), ref, rtol=1e-4, atol=5e-4)
+    assert ifp.count_parameters(small) == 134_515_008 - 30 * 768 * 3 * 576
