@@ -18,6 +18,7 @@ ExecuTorch's ``create_constant_placeholder``/``constant_prop_pass`` helpers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -140,9 +141,21 @@ def _user_input_names(ep: ExportedProgram) -> list[str]:
     return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
 
 
+def _copy_entry(entry: ModuleCallEntry) -> ModuleCallEntry:
+    """A copy whose lists can be edited; treespecs are immutable and shared.
+
+    ``copy.deepcopy`` would also work, but deep-copying a TreeSpec goes through a
+    deprecated ``LeafSpec`` constructor and warns on every specialization.
+    """
+    sig = entry.signature
+    if sig is not None:
+        sig = dataclasses.replace(sig, inputs=list(sig.inputs), outputs=list(sig.outputs))
+    return dataclasses.replace(entry, signature=sig)
+
+
 def _new_call_graph(ep: ExportedProgram, removed: set[str]) -> tuple[list[ModuleCallEntry], Any]:
     """Root module-call entry without the removed user inputs (and the trees to map examples)."""
-    entries = copy.deepcopy(ep.module_call_graph)
+    entries = [_copy_entry(e) for e in ep.module_call_graph]
     root = entries[0]
     sig = root.signature
     if not removed or sig is None:

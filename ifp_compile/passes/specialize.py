@@ -87,6 +87,10 @@ def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.T
 # --------------------------------------------------------------------------------------
 # 2-3. folding one block
 # --------------------------------------------------------------------------------------
+def _kept_index(ps, keep: torch.Tensor) -> torch.Tensor:
+    return keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
+
+
 class _Folder:
     def __init__(self, program: ExportedProgram):
         self.program = program
@@ -98,6 +102,7 @@ class _Folder:
         self.new_specs: dict[str, InputSpec] = {}
         self.branch = {n.name for n in mask_branch(program)}  # deleted wholesale at the end
         self.fake_mode = fake_mode_of(self.graph)
+        self._resized: dict[tuple, torch.Tensor] = {}
 
     def _fake(self, t: torch.Tensor) -> torch.Tensor:
         return self.fake_mode.from_tensor(t, static_shapes=True)
@@ -148,7 +153,7 @@ class _Folder:
             if ps.key in block.shared_params:
                 ph = self._private_placeholder(block, ph, ps.key, owners)
                 spec = self.specs[ph.name]
-            idx = keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
+            idx = _kept_index(ps, keep)
             sliced = source.index_select(ps.axis, idx)
             if ps.role == "down" and soft:
                 shape = [1] * sliced.dim()
@@ -198,9 +203,13 @@ class _Folder:
                 return type(v)(resize(x) for x in v)
             if not isinstance(v, torch.Tensor):
                 return v
-            last = v.shape[-1]
-            with self.fake_mode:
-                return v.new_empty(tuple(v.shape[:-1]) + (last // w * k,))
+            shape = tuple(v.shape[:-1]) + (v.shape[-1] // w * k,)
+            # blocks of one model share shapes; fake dispatch costs ~1 ms, so reuse values
+            key = (str(shape), v.dtype, v.device)
+            if key not in self._resized:
+                with self.fake_mode:
+                    self._resized[key] = v.new_empty(shape)
+            return self._resized[key]
 
         n.meta["val"] = resize(n.meta["val"])
 
