@@ -64,3 +64,21 @@ def test_instruction_specialization_on_smollm2(smollm2):
         ref = ifp.insert_masks(ep).module()(ids, masks)
         torch.testing.assert_close(small.module()(ids), ref, rtol=1e-4, atol=5e-4)
     assert ifp.count_parameters(small) == 134_515_008 - 30 * 768 * 3 * 576
+
+
+def test_demo_on_smollm2(smollm2, capsys):
+    """The README demo, shortened: one prompt, a few tokens; exact kept parameter count."""
+    from ifp_compile.demo import format_table, run_demo
+
+    model, tok, ep, _ = smollm2
+    result = run_demo(keep=0.75, max_new_tokens=4, prompts={"math": "What is 12 times 3?"},
+                      model_and_tokenizer=(model, tok))
+    small, dense = result.rows
+    assert (small.task, dense.task) == ("math", "math (dense)")
+    dense_params = ifp.count_parameters(ep)
+    assert dense.params == dense_params
+    assert small.params == dense_params - 30 * 384 * 3 * 576  # 384 of 1536 channels dropped per block
+    assert small.specialize_s is not None and small.specialize_s > 0
+    assert small.text.strip() and dense.text.strip()
+    table = format_table(result)
+    assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table
