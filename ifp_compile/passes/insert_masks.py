@@ -48,12 +48,33 @@ def _example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
     return pytree.tree_unflatten(flat, ep.call_spec.in_spec)
 
 
+def _dim_for(ep: ExportedProgram, size, dims: dict) -> object:
+    """The ``Dim`` re-exporting a symbolic size with the source's range.
+
+    A plain symbol becomes a named ``Dim`` with the source's min/max (one ``Dim`` per
+    symbol, so inputs that shared a size still share it); a derived size falls back
+    to ``Dim.DYNAMIC`` and export infers it.
+    """
+    import sympy
+
+    expr = size.node.expr
+    if not isinstance(expr, sympy.Symbol):
+        return Dim.DYNAMIC
+    if expr not in dims:
+        vr = ep.range_constraints.get(expr)
+        lo = int(vr.lower) if vr is not None and vr.lower.is_finite else None
+        hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+        dims[expr] = Dim(f"ifp_{expr}", min=lo, max=hi)
+    return dims[expr]
+
+
 def _dynamic_shapes(ep: ExportedProgram, arg_names: list[str]) -> dict:
     """Dynamic dims of ``ep``'s user inputs, as a ``dynamic_shapes`` dict for re-export."""
     flat = []
+    by_symbol: dict = {}
     for n in user_input_nodes(ep):
         shape = n.meta["val"].shape
-        dims = {i: Dim.DYNAMIC for i, s in enumerate(shape) if not isinstance(s, int)}
+        dims = {i: _dim_for(ep, s, by_symbol) for i, s in enumerate(shape) if not isinstance(s, int)}
         flat.append(dims or None)
     args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     spec = dict(zip(arg_names, args))

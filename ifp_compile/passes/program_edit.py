@@ -197,6 +197,13 @@ def _new_example_inputs(ep: ExportedProgram, removed: set[str], trees) -> Any:
     return pytree.tree_map(lambda n: by_name[n], (tuple(args), dict(kwargs)))
 
 
+def _shape_symbols(node: Node) -> set:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return set()
+    return {sym for s in val.shape if isinstance(s, torch.SymInt) for sym in s.node.expr.free_symbols}
+
+
 def rebuild_program(
     ep: ExportedProgram,
     graph: torch.fx.Graph,
@@ -213,12 +220,18 @@ def rebuild_program(
     new_specs = new_specs or {}
     old_specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     removed_user_inputs: set[str] = set()
+    removed_symbols: set = set()
     for node in list(graph.nodes):
         if node.op == "placeholder" and not node.users:
             spec = new_specs.get(node.name) or old_specs.get(node.name)
             if spec is not None and spec.kind == InputKind.USER_INPUT:
                 removed_user_inputs.add(node.name)
+                removed_symbols |= _shape_symbols(node)
             graph.erase_node(node)
+    # a size symbol that only a removed input carried (the instruction length) goes too,
+    # or torch.export.load warns that it "did not appear in the graph"
+    removed_symbols -= {s for n in graph.nodes if n.op == "placeholder" for s in _shape_symbols(n)}
+    range_constraints = {k: v for k, v in ep.range_constraints.items() if k not in removed_symbols}
     input_specs = []
     for node in graph.nodes:
         if node.op != "placeholder":
@@ -237,7 +250,7 @@ def rebuild_program(
         graph=graph,
         graph_signature=signature,
         state_dict=sd,
-        range_constraints=copy.copy(ep.range_constraints),
+        range_constraints=range_constraints,
         module_call_graph=call_graph,
         example_inputs=_new_example_inputs(ep, removed_user_inputs, trees),
         constants=consts,

@@ -109,6 +109,34 @@ def test_predictor_branch_replaces_mask_inputs_and_specializes():
     torch.testing.assert_close(ifp.predict_masks(prog, ifp.find_ffn_blocks(prog), instruction), masks)
 
 
+def _ranges(ep):
+    """{user input: [(min, max) of each symbolic dim]} read off the range constraints."""
+    out = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs:
+            dims = [s for s in n.meta["val"].shape if isinstance(s, torch.SymInt)]
+            out[n.name] = [(int(ep.range_constraints[d.node.expr].lower), str(ep.range_constraints[d.node.expr].upper))
+                           for d in dims]
+    return out
+
+
+def test_dynamic_ranges_survive_insertion_and_specialization(tmp_path):
+    """seq keeps export's [2, 4096]; the instruction length disappears with the branch."""
+    ep, ids = export_lm(hf_model("llama"), dynamic=True)
+    assert _ranges(ep) == {"input_ids": [(2, "4096")]}
+    blocks = ifp.find_ffn_blocks(ep)
+    masked = ifp.insert_masks(ep)
+    assert _ranges(masked)["input_ids"] == [(2, "4096")]
+    prog = ifp.insert_masks(ep, predictor=FixedPredictor([b.width for b in blocks]))
+    assert _ranges(prog) == {"input_ids": [(2, "4096")], "instruction_ids": [(2, "int_oo")]}
+    small = ifp.specialize(prog, torch.tensor([[5, 9, 17, 3]]))
+    assert _ranges(small) == {"input_ids": [(2, "4096")]}
+    assert len(small.range_constraints) == 1  # the instruction's symbol is gone
+    path = tmp_path / "small.pt2"
+    torch.export.save(small, path)
+    assert _ranges(torch.export.load(path)) == {"input_ids": [(2, "4096")]}
+
+
 def test_predictor_with_wrong_outputs_is_refused():
     ep, _ = export_lm(hf_model("llama"))
     bad = FixedPredictor([64])  # one mask for two blocks
