@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch.export import ExportedProgram
@@ -73,35 +73,25 @@ def mask_branch(ep: ExportedProgram) -> set[Node]:
     return forward_closure(roots) - forward_closure(model_inputs)
 
 
-def forward_closure(roots: Iterable[Node]) -> set[Node]:
-    """Every node that depends (transitively) on one of ``roots``, roots included."""
+def _closure(roots: Iterable[Node], step) -> set[Node]:
     seen: set[Node] = set()
     stack = list(roots)
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
     return seen
+
+
+def forward_closure(roots: Iterable[Node]) -> set[Node]:
+    """Every node that depends (transitively) on one of ``roots``, roots included."""
+    return _closure(roots, lambda n: n.users)
 
 
 def backward_closure(roots: Iterable[Node]) -> set[Node]:
     """Every node that ``roots`` depend on, roots included."""
-    seen: set[Node] = set()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def tensor_inputs(node: Node) -> Iterator[Node]:
-    """Node arguments of ``node`` (flattened through lists), in order."""
-    yield from node.all_input_nodes
+    return _closure(roots, lambda n: n.all_input_nodes)
 
 
 def val(node: Node) -> torch.Tensor | None:

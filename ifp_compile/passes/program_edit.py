@@ -28,7 +28,6 @@ from torch.export.graph_signature import (
     ExportGraphSignature,
     InputKind,
     InputSpec,
-    TensorArgument,
 )
 from torch.fx import Node
 from torch.utils import _pytree as pytree
