@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import gc
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -74,14 +75,19 @@ class PeakRSS:
         self.extra = self.peak - self.base
 
 
-def timed(fn, repeats: int, *, collect: bool = True) -> list[float]:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn, repeats: int, *, collect: bool = True, faults: list[int] | None = None) -> list[float]:
     """Wall times of ``fn()``.
 
     ``collect=True`` follows ``timeit``: the heap is collected before each call and the
     cyclic GC is off during it, so a call does not pay for collecting the previous
     call's garbage (a full collection walks every object of the loaded model and its
     programs: about 0.3 s here, whatever triggers it). ``collect=False`` times calls
-    back to back with the GC on, as a loop over many tasks would see them.
+    back to back with the GC on, as a loop over many tasks would see them. ``faults``
+    collects the minor page faults of each call (memory the process touches first).
     """
     out = []
     for _ in range(repeats):
@@ -89,9 +95,12 @@ def timed(fn, repeats: int, *, collect: bool = True) -> list[float]:
             gc.collect()
             gc.disable()
         try:
+            f0 = minor_faults()
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
+            if faults is not None:
+                faults.append(minor_faults() - f0)
         finally:
             gc.enable()
     return out
@@ -101,6 +110,37 @@ def flops(module, x) -> int:
     with FlopCounterMode(display=False) as counter:
         module(x)
     return counter.get_total_flops()
+
+
+def phase_breakdown(masked, masks, repeats: int) -> dict[str, float]:
+    """Median ms of each phase of ``specialize`` (GC off), through the pass's internals."""
+    import importlib
+
+    sp = importlib.import_module("ifp_compile.passes.specialize")
+    pe = importlib.import_module("ifp_compile.passes.program_edit")
+    times: dict[str, list[float]] = {}
+
+    def clock(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
+        return out
+
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            blocks = clock("FFN discovery", lambda: ifp.find_ffn_blocks(masked))
+            ms = clock("mask validation", lambda: sp.validate_masks(masks, blocks))
+            folder = clock("graph copy + branch analysis", lambda: sp._Folder(masked))
+            clock("fold blocks (slices, edits)", lambda: [folder.fold(b, m) for b, m in zip(blocks, ms)])
+            clock("dead-code elimination", lambda: pe.eliminate_dead_code(folder.graph, removable=folder.branch))
+            clock("rebuild (codegen, validate)", lambda: pe.rebuild_program(
+                masked, folder.graph, state_dict=folder.state_dict, constants=folder.constants,
+                new_specs=folder.new_specs))
+        finally:
+            gc.enable()
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def fmt_row(name: str, value: str, target: str, ok: bool | None) -> str:
@@ -158,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     def copy_all():
         return [s.clone() for s in srcs]
 
-    t_isel = timed(index_select_all, args.repeats)
+    f_isel: list[int] = []
+    t_isel = timed(index_select_all, args.repeats, faults=f_isel)
     t_copy = timed(copy_all, args.repeats)
     held_slices: list = []
     t_isel_held = timed(lambda: held_slices.append(index_select_all()), args.repeats)
@@ -167,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (t_cold,) = timed(lambda: ifp.specialize(masked, mask=masks), 1)
     with status(f"timing specialize x{args.repeats}, then x{args.repeats} back to back"):
-        t_warm = timed(lambda: ifp.specialize(masked, mask=masks), args.repeats)
+        f_warm: list[int] = []
+        t_warm = timed(lambda: ifp.specialize(masked, mask=masks), args.repeats, faults=f_warm)
         t_warm_b2b = timed(lambda: ifp.specialize(masked, mask=masks), args.repeats, collect=False)
     # Holding every result alive means every call writes into memory the process has never
     # touched: ~39k first-touch page faults per call, about 8 us each on these VMs, so
@@ -177,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     with status(f"timing specialize x{args.repeats}, every result kept alive"):
         t_held = timed(lambda: held.append(ifp.specialize(masked, mask=masks)), args.repeats)
     held.clear()
+
+    phases = phase_breakdown(masked, masks, args.repeats)
 
     # --- 2. memory -----------------------------------------------------------------
     with PeakRSS() as mem:
@@ -217,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * 88)
     print(fmt_row("torch.export.export (dynamic seq)", f"{export_s:.3f} s", "", None))
     print(fmt_row("specialize, warm", f"{warm_s:.3f} s", "", None))
+    print(fmt_row("  page faults per call (first-touch memory)", f"{statistics.median(f_warm):,.0f}", "", None))
     print(fmt_row("specialize, cold (first call)", f"{t_cold:.3f} s", "", None))
     print(fmt_row("  floor: index_select of kept FFN weights", f"{statistics.median(t_isel):.3f} s", "", None))
+    print(fmt_row("    its page faults per call", f"{statistics.median(f_isel):,.0f}", "", None))
     print(fmt_row("  floor: plain copy of kept FFN bytes", f"{statistics.median(t_copy):.3f} s", "", None))
+    for name, ms in phases.items():
+        print(fmt_row(f"  phase: {name}", f"{ms:.1f} ms", "", None))
     print(fmt_row("specialize warm / export", f"{100 * warm_s / export_s:.1f}%", "<= 5%", warm_s <= 0.05 * export_s))
     print(fmt_row("specialize cold / export", f"{100 * t_cold / export_s:.1f}%", "", None))
     b2b = statistics.median(t_warm_b2b) / statistics.median(t_export_b2b)
