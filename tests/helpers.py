@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 
 import ifp_compile as ifp
+from tests.zoo import TinyLM
 
 
 def export_lm(model, batch=2, seq=7, dynamic=False, seed=0):
@@ -41,3 +43,24 @@ def state_placeholder_shapes(ep):
             t = ep.state_dict.get(specs[n.name].target, ep.constants.get(specs[n.name].target))
             out[specs[n.name].target] = (tuple(n.meta["val"].shape), tuple(t.shape))
     return out
+
+
+@st.composite
+def tiny_lms(draw):
+    n_layers = draw(st.integers(1, 4))
+    n_kv = draw(st.sampled_from([1, 2]))
+    n_heads = n_kv * draw(st.sampled_from([1, 2]))
+    d = n_heads * draw(st.sampled_from([2, 4]))
+    widths = tuple(draw(st.lists(st.integers(1, 24), min_size=n_layers, max_size=n_layers)))
+    kw = dict(
+        d=d,
+        widths=widths,
+        gated=draw(st.booleans()),
+        act=draw(st.sampled_from(["relu", "silu", "gelu", "gelu_tanh", "gelu_new"])),
+        bias=draw(st.booleans()),
+        n_heads=n_heads,
+        n_kv=n_kv,
+        swap=draw(st.booleans()),
+    )
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    return TinyLM(**kw).eval(), kw

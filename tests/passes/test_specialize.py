@@ -15,31 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ifp_compile as ifp
-from tests.helpers import export_lm, make_mask, state_placeholder_shapes
+from tests.helpers import export_lm, make_mask, state_placeholder_shapes, tiny_lms
 from tests.zoo import HF_FAMILIES, TinyLM, hf_model
 
 MASK_KINDS = ["all", "none", "one", "binary", "soft"]
-
-
-@st.composite
-def tiny_lms(draw):
-    n_layers = draw(st.integers(1, 4))
-    n_kv = draw(st.sampled_from([1, 2]))
-    n_heads = n_kv * draw(st.sampled_from([1, 2]))
-    d = n_heads * draw(st.sampled_from([2, 4]))
-    widths = tuple(draw(st.lists(st.integers(1, 24), min_size=n_layers, max_size=n_layers)))
-    kw = dict(
-        d=d,
-        widths=widths,
-        gated=draw(st.booleans()),
-        act=draw(st.sampled_from(["relu", "silu", "gelu", "gelu_tanh", "gelu_new"])),
-        bias=draw(st.booleans()),
-        n_heads=n_heads,
-        n_kv=n_kv,
-        swap=draw(st.booleans()),
-    )
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    return TinyLM(**kw).eval(), kw
 
 
 def check_equivalence(ep, ids, masks, blocks, atol=2e-5):
