@@ -3,6 +3,9 @@
 Subcommands:
   demo     the README demo on SmolLM2-135M-Instruct (see ``ifp_compile.demo``)
   blocks   the FFN blocks discovery finds in a saved program (``.pt2``) or in SmolLM2
+  build    one artifact per task (ONNX with a shared base, and/or pt2) for build systems
+  verify   check every sha256 of a build directory
+  inspect  a table of a build directory's tasks, sizes and kept parameters
 
 Errors of the user's making (bad arguments, missing files, a program with no FFN) print
 ``error: ...`` and exit with status 2; nothing is written.
@@ -79,6 +82,36 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
+                   jobs=args.jobs, only=args.only)
+    print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
+          f"{len(report.skipped)} up to date")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .build import verify
+
+    names = verify(args.dir)
+    print(f"{args.dir}: {len(names)} task(s) and the base verified (every sha256 matches)")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .build import inspect_rows
+
+    rows = inspect_rows(args.dir)
+    print(f"{'task':<20} {'kept channels':>22} {'parameters':>14} {'own MiB':>8}  {'formats':<9} instruction")
+    for r in rows:
+        params = f"{r['parameters']:,}" if r["parameters"] is not None else "-"
+        instr = r["instruction"] if len(r["instruction"]) <= 40 else r["instruction"][:37] + "..."
+        print(f"{r['task']:<20} {r['kept']:>22} {params:>14} {r['own_bytes'] / 2**20:>8.1f}  {r['formats']:<9} {instr}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ifp-compile",
@@ -109,6 +142,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("program", nargs="?", help="a program saved with torch.export.save (.pt2); default: SmolLM2-135M-Instruct")
     b.set_defaults(func=_cmd_blocks)
+
+    bd = sub.add_parser(
+        "build",
+        help="build one artifact per task from one base model",
+        description="Specialise a base model for every task of a tasks.jsonl file ({\"name\": ..., "
+        "\"instruction\": ...} or {\"name\": ..., \"mask\": \"path.safetensors\"}) and write one artifact "
+        "per task under OUT/tasks/NAME. Weights no task changes are written once under OUT/base. "
+        "Incremental (unchanged tasks are skipped), deterministic, atomic per task, locked against "
+        "concurrent builds.",
+    )
+    bd.add_argument("--model", default="default",
+                    help="a saved program (.pt2), an ONNX file, a Hugging Face directory, a GGUF file, "
+                    "or 'default' (SmolLM2-135M-Instruct)")
+    bd.add_argument("--tasks", required=True, help="tasks.jsonl")
+    bd.add_argument("--out", required=True, help="output directory")
+    bd.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio for instruction tasks (default 0.5)")
+    bd.add_argument("--format", default="onnx", help="comma-separated: onnx, pt2 (default onnx)")
+    bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
+    bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel)")
+    bd.set_defaults(func=_cmd_build)
+
+    v = sub.add_parser("verify", help="check every sha256 of a build directory",
+                       description="Recompute the sha256 of every file of every task and of the base; "
+                       "exit 2 naming the first file that does not match its manifest.")
+    v.add_argument("dir", help="a build output directory")
+    v.set_defaults(func=_cmd_verify)
+
+    i = sub.add_parser("inspect", help="print a table of a build directory's tasks",
+                       description="One row per task: kept channels, parameters, bytes of its own files, "
+                       "formats and instruction.")
+    i.add_argument("dir", help="a build output directory")
+    i.set_defaults(func=_cmd_inspect)
     return p
 
 

@@ -1,0 +1,272 @@
+"""On-disk artifacts: a shared base, per-task ONNX graphs, manifests, verification.
+
+Layout of a build directory (see ``build.py`` for how it is filled)::
+
+    DIR/index.json                    every task: artifact dir, kept parameters, mask hash
+    DIR/base/model.onnx, weights.bin  the base model, written once per base model hash
+    DIR/base/manifest.json            sha256 and offset of every base tensor
+    DIR/tasks/<name>/model.onnx       the specialised graph
+    DIR/tasks/<name>/base.bin         hard link to DIR/base/weights.bin (no extra disk)
+    DIR/tasks/<name>/ffn.bin          only this task's sliced FFN weights
+    DIR/tasks/<name>/program.pt2      optional, self-contained torch.export archive
+    DIR/tasks/<name>/manifest.json    inputs, hashes of every file, parameter counts
+
+Why a hard link: ONNX Runtime and ``onnx.load`` refuse external data outside the
+model's directory (``../base`` is rejected), so each task directory must contain the
+base weights; a hard link costs no disk and keeps every task directory self-contained.
+Where hard links are impossible the file is copied and the manifest says so.
+
+Every file is written to a temporary name and renamed (atomic); a task directory is
+assembled under a temporary name and renamed into place, so a killed build never leaves
+a partial task. Nothing is pickled: ONNX protobuf, raw little-endian tensor bytes, JSON,
+and ``torch.export.save`` archives that ``torch.export.load`` reads without pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import IFPError
+
+ALIGN = 64
+INLINE_BYTES = 1024  # smaller tensors stay in the protobuf
+
+
+class ArtifactError(IFPError):
+    """An artifact on disk is missing, tampered with, or not an ifp-compile artifact."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dump_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _tensor_bytes(tensor) -> bytes:
+    return np.ascontiguousarray(tensor.numpy()).tobytes()  # ONNX raw data is little-endian, as is x86/arm
+
+
+class _Packer:
+    """Appends tensors to one external-data file with fixed alignment."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")
+        self.offset = 0
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        self.f.write(data)
+        self.offset += len(data)
+        return start, len(data)
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def _external(value, location: str, offset: int, length: int, base_dir: Path):
+    import onnx_ir as ir
+
+    t = value.const_value
+    return ir.ExternalTensor(location, offset, length, t.dtype, shape=t.shape, name=value.name, base_dir=str(base_dir))
+
+
+def _write_model(model, directory: Path, packers: dict[str, _Packer], choose) -> None:
+    """Point large initializers at external files chosen by ``choose(value)`` and save."""
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is None or t.nbytes <= INLINE_BYTES:
+            continue
+        location, span = choose(value)
+        if span is None:
+            span = packers[location].add(_tensor_bytes(t))
+        value.const_value = _external(value, location, span[0], span[1], directory)
+    proto = ir.to_proto(model)
+    atomic_write(directory / "model.onnx", proto.SerializeToString(deterministic=True))
+
+
+def write_base(model, directory: Path) -> dict[str, Any]:
+    """Write the base model (graph + every initializer) to ``directory``; returns its table.
+
+    The table maps initializer name -> [offset, length, sha256] in ``weights.bin``; tasks
+    reuse a base tensor when their initializer has the same name and the same bytes.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    packer = _Packer(directory / ".weights.bin.tmp")
+    table: dict[str, list] = {}
+
+    def choose(value):
+        data = _tensor_bytes(value.const_value)
+        span = packer.add(data)
+        table[value.name] = [span[0], span[1], sha256_bytes(data)]
+        return "weights.bin", span
+
+    model = _shallow_copy(model)
+    try:
+        _write_model(model, directory, {"weights.bin": packer}, choose)
+    finally:
+        packer.close()
+    os.replace(directory / ".weights.bin.tmp", directory / "weights.bin")
+    return table
+
+
+def _shallow_copy(model):
+    """A model whose initializer values can be re-pointed without touching the caller's."""
+    from .passes.onnx_specialize import _clone_model
+
+    return _clone_model(model)
+
+
+def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str, Any]) -> dict[str, Any]:
+    """Write a specialised ONNX model into a (temporary) task directory.
+
+    Tensors identical to a base tensor point into ``base.bin`` (a hard link to the base
+    weights); the rest (the task's sliced FFN weights) go to ``ffn.bin``.
+    """
+    link = directory / "base.bin"
+    try:
+        os.link(base_dir / "weights.bin", link)
+        linked = True
+    except OSError:
+        import shutil
+
+        shutil.copyfile(base_dir / "weights.bin", link)
+        linked = False
+    packer = _Packer(directory / "ffn.bin")
+    own = 0
+
+    def choose(value):
+        # specialize_onnx never changes an initializer under its old name (sliced ones
+        # get new names), so a base name with the base size is the base tensor
+        nonlocal own
+        entry = base_table.get(value.name)
+        if entry is not None and entry[1] == value.const_value.nbytes:
+            return "base.bin", (entry[0], entry[1])
+        own += value.const_value.nbytes
+        return "ffn.bin", None
+
+    try:
+        _write_model(model, directory, {"ffn.bin": packer}, choose)
+    finally:
+        packer.close()
+    return {"base_linked": linked, "own_weight_bytes": own}
+
+
+def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
+    return {n: sha256_file(directory / n) for n in sorted(names)}
+
+
+def verify_artifact(path: Path, *, cache: dict | None = None) -> dict[str, Any]:
+    """Check every file a task manifest lists against its sha256; return the manifest."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path}: not an ifp-compile artifact (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise ArtifactError(f"{manifest_path}: malformed manifest ({e})") from None
+    cache = {} if cache is None else cache
+    for name, expected in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in the manifest but missing")
+        st = f.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        actual = cache.get(key) or sha256_file(f)
+        cache[key] = actual
+        if actual != expected:
+            raise ArtifactError(f"{f}: sha256 {actual[:16]}... does not match the manifest ({expected[:16]}...): "
+                                "the file was modified after the build")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != "manifest.json")
+    if extra:
+        raise ArtifactError(f"{path}: files not in the manifest: {', '.join(extra)}")
+    return manifest
+
+
+def _inline_external_data(model, directory: Path, allowed: set[str]) -> None:
+    """Read external tensors into the proto ourselves.
+
+    ``onnx.load`` refuses external data in a file with several hard links (its guard
+    against hard-link attacks), which is exactly how tasks share ``base.bin``; ONNX
+    Runtime accepts it. The files were just checked against their sha256, and only
+    names listed in the manifest (plain file names in this directory) are read.
+    """
+    from onnx import TensorProto
+
+    handles: dict[str, Any] = {}
+    try:
+        for t in model.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            location = info.get("location", "")
+            if location not in allowed:
+                raise ArtifactError(f"{directory}: tensor {t.name} points at {location!r}, not a file of the artifact")
+            f = handles.get(location) or handles.setdefault(location, open(directory / location, "rb"))
+            f.seek(int(info.get("offset", 0)))
+            t.raw_data = f.read(int(info["length"]))
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def load_artifact(path, *, format: str = "onnx", verify: bool = True):
+    """Load a task artifact after checking every sha256.
+
+    ``format="onnx"`` returns an ``onnx.ModelProto`` (external data loaded);
+    ``format="pt2"`` returns the ExportedProgram (``torch.export.load``, no pickle).
+    """
+    path = Path(path)
+    manifest = verify_artifact(path) if verify else json.loads((path / "manifest.json").read_text())
+    if format == "onnx":
+        import onnx
+
+        if "model.onnx" not in manifest["files"]:
+            raise ArtifactError(f"{path}: no ONNX model in this artifact (formats: {manifest['formats']})")
+        model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+        _inline_external_data(model, path, set(manifest["files"]))
+        return model
+    if format == "pt2":
+        import torch
+
+        if "program.pt2" not in manifest["files"]:
+            raise ArtifactError(f"{path}: no pt2 program in this artifact (formats: {manifest['formats']})")
+        return torch.export.load(str(path / "program.pt2"))
+    raise ArtifactError(f"unknown artifact format {format!r} (onnx or pt2)")

@@ -1,0 +1,562 @@
+"""``ifp-compile build``: one artifact per task from one base model, for build systems.
+
+A task is a pure function of (base model hash, mask) -- for an instruction task, of
+(base model hash, instruction, keep, predictor) -- so:
+
+* *incremental*: a task whose manifest records the same inputs is skipped, and when
+  every task is up to date the model is not even loaded;
+* *deduplicated*: tasks with identical masks hard-link one set of files;
+* *deterministic*: the same inputs give byte-identical files (no timestamps, sorted JSON,
+  deterministic protobuf serialisation, fixed tensor order and alignment);
+* *safe*: a lock (``DIR/.lock``) serialises builds into one directory; each task is
+  assembled in ``DIR/.tmp-*`` and renamed into place; leftovers of a killed build are
+  removed by the next one; task names are plain file names (``../x`` is refused).
+
+The base model is exported to ONNX once per base model hash (``DIR/base/``); each task
+is ``specialize_onnx`` of it, so a task costs what slicing and writing its FFN weights
+costs, not an export.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .artifacts import (
+    ArtifactError,
+    atomic_write,
+    dump_json,
+    file_hashes,
+    sha256_file,
+    verify_artifact,
+    write_base,
+    write_task_onnx,
+)
+from .errors import IFPError, MaskError
+from .progress import progress, status
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FORMATS = ("onnx", "pt2")
+
+
+class BuildError(IFPError):
+    """Bad build input: tasks file, model, output directory."""
+
+
+# --------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    name: str
+    instruction: str | None = None
+    mask_file: str | None = None  # resolved path
+
+
+def read_tasks(path) -> list[Task]:
+    """Parse a tasks.jsonl; every error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"tasks file {path} does not exist")
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BuildError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or "name" not in obj:
+            raise BuildError(f'{where}: a task is an object with "name" and "instruction" or "mask"')
+        name = obj["name"]
+        if not isinstance(name, str) or not NAME.match(name):
+            raise BuildError(f"{where}: task name {name!r} must be a plain file name "
+                             "(letters, digits, '.', '_', '-'; no '/' or leading '.')")
+        if name in seen:
+            raise BuildError(f"{where}: duplicate task name {name!r}")
+        seen.add(name)
+        unknown = set(obj) - {"name", "instruction", "mask"}
+        if unknown:
+            raise BuildError(f"{where}: unknown keys {sorted(unknown)}")
+        has_i, has_m = "instruction" in obj, "mask" in obj
+        if has_i == has_m:
+            raise BuildError(f'{where}: task {name!r} needs exactly one of "instruction" and "mask"')
+        if has_i:
+            if not isinstance(obj["instruction"], str) or not obj["instruction"].strip():
+                raise BuildError(f"{where}: task {name!r} has an empty instruction")
+            tasks.append(Task(name, instruction=obj["instruction"]))
+        else:
+            mask = obj["mask"]
+            if not isinstance(mask, str):
+                raise BuildError(f"{where}: task {name!r}: mask must be a path to a .safetensors file")
+            mpath = (path.parent / mask).resolve()
+            if not mpath.is_file():
+                raise BuildError(f"{where}: task {name!r}: mask file {mpath} does not exist")
+            tasks.append(Task(name, mask_file=str(mpath)))
+    if not tasks:
+        raise BuildError(f"{path}: no tasks")
+    return tasks
+
+
+def read_mask_file(path: str, widths: list[int]):
+    """Masks from a safetensors file with keys ``ffn.0 .. ffn.<n-1>``."""
+    from safetensors.numpy import load_file
+
+    try:
+        data = load_file(path)
+    except Exception as e:  # safetensors raises its own (Rust) error type on corrupt files
+        raise MaskError(f"mask file {path}: not a safetensors file ({e})") from None
+    keys = sorted(data, key=lambda k: (len(k), k))
+    expected = [f"ffn.{i}" for i in range(len(widths))]
+    if keys != expected:
+        raise MaskError(f"mask file {path} has tensors {keys[:4]}{'...' if len(keys) > 4 else ''}; this model "
+                        f"has {len(widths)} FFN blocks, so it needs ffn.0 .. ffn.{len(widths) - 1}")
+    out = []
+    for i, w in enumerate(widths):
+        m = data[f"ffn.{i}"]
+        if m.shape != (w,):
+            raise MaskError(f"mask file {path}: ffn.{i} has shape {m.shape}, the model's block {i} has width {w} "
+                            "(a mask for a different model?)")
+        out.append(m.astype(np.float32))
+    return out
+
+
+def mask_digest(masks) -> str:
+    h = hashlib.sha256()
+    for m in masks:
+        a = np.ascontiguousarray(np.asarray(m, dtype=np.float32))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------
+def model_kind(model: str) -> str:
+    if model == "default":
+        return "default"
+    p = Path(model)
+    if not p.exists():
+        raise BuildError(f"model {model} does not exist (give a .pt2, .onnx, .gguf, a Hugging Face "
+                         "directory, or 'default')")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BuildError(f"model directory {model} has no config.json (not a Hugging Face model)")
+        return "hf"
+    suffix = p.suffix.lower()
+    if suffix in (".pt2", ".onnx", ".gguf"):
+        return suffix[1:]
+    raise BuildError(f"model {model}: unknown kind (expected .pt2, .onnx, .gguf, a directory, or 'default')")
+
+
+def model_hash(model: str) -> str:
+    """sha256 over the model's file(s): what every task's identity is rooted in."""
+    if model == "default":
+        from .real_model import GGUF_FILE, smollm2_dir
+
+        return sha256_file(Path(smollm2_dir()) / GGUF_FILE)
+    p = Path(model)
+    if p.is_file():
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+class Source:
+    """The base model, loaded lazily: only when some task needs (re)building."""
+
+    def __init__(self, model: str, keep: float):
+        self.model, self.kind, self.keep = model, model_kind(model), keep
+        self._ep = self._predictor_program = self._tokenizer = self._onnx = None
+
+    def torch_model(self):
+        if self.kind == "default":
+            from .real_model import load_smollm2
+
+            return load_smollm2()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.kind == "gguf":
+            d, f = str(Path(self.model).parent), Path(self.model).name
+            with status(f"loading {f}"):
+                return (AutoModelForCausalLM.from_pretrained(d, gguf_file=f).eval(),
+                        AutoTokenizer.from_pretrained(d, gguf_file=f))
+        with status(f"loading {self.model}"):
+            return AutoModelForCausalLM.from_pretrained(self.model).eval(), AutoTokenizer.from_pretrained(self.model)
+
+    def programs(self):
+        """(plain program, program with the predictor branch or None, tokenizer or None)."""
+        if self._ep is None:
+            import torch
+
+            from .capture import export
+            from .passes import insert_masks
+
+            if self.kind == "onnx":
+                raise BuildError(f"model {self.model} is ONNX: it can build mask tasks in ONNX format only")
+            if self.kind == "pt2":
+                from .graph_utils import INSTRUCTION_INPUT, user_input_nodes
+
+                self._ep = torch.export.load(self.model)
+                has_pred = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(self._ep))
+                self._predictor_program = self._ep if has_pred else None
+            else:
+                from .predictors import PromptActivationPredictor
+
+                model, self._tokenizer = self.torch_model()
+                self._ep = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+                with status("inserting the prompt-activation predictor"):
+                    self._predictor_program = insert_masks(self._ep, predictor=PromptActivationPredictor(
+                        model, keep=self.keep))
+        return self._ep, self._predictor_program, self._tokenizer
+
+    def onnx(self):
+        if self._onnx is None:
+            import onnx_ir as ir
+
+            if self.kind == "onnx":
+                with status(f"loading {self.model}"):
+                    self._onnx = ir.load(self.model)
+            else:
+                from .onnx import export_onnx
+
+                ep, _, _ = self.programs()
+                self._onnx = ir.from_proto(export_onnx(ep, name="the base model"))
+        return self._onnx
+
+    def widths(self) -> list[int]:
+        if self.kind == "onnx":
+            from .onnx import find_onnx_ffn_blocks
+
+            return [b.width for b in find_onnx_ffn_blocks(self.onnx())]
+        from .passes import find_ffn_blocks
+
+        return [b.width for b in find_ffn_blocks(self.programs()[0])]
+
+    def masks_for(self, task: Task):
+        if task.mask_file is not None:
+            return read_mask_file(task.mask_file, self.widths())
+        ep, pred, tok = self.programs()
+        if pred is None:
+            raise BuildError(f"task {task.name!r} has an instruction, but model {self.model} has no predictor "
+                             "branch (give mask files, or a model ifp-compile can load with a predictor)")
+        from .passes import find_ffn_blocks, predict_masks
+        from .masks import instruction_ids
+
+        ids = instruction_ids(task.instruction, tok)
+        return [m.numpy() for m in predict_masks(pred, find_ffn_blocks(pred), ids)]
+
+
+# --------------------------------------------------------------------------------------
+# the build
+# --------------------------------------------------------------------------------------
+@contextmanager
+def _locked(out: Path):
+    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"{out} is being written by another build (lock {out / '.lock'})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...]) -> dict:
+    key = {"base_model_sha256": base_hash, "formats": list(formats), "tool_version": __version__}
+    if task.instruction is not None:
+        key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
+    else:
+        key.update(mask_file_sha256=sha256_file(Path(task.mask_file)))
+    return key
+
+
+def _up_to_date(task_dir: Path, key: dict) -> bool:
+    try:
+        return json.loads((task_dir / "manifest.json").read_text()).get("inputs") == key
+    except (OSError, ValueError):
+        return False
+
+
+def _ensure_base(out: Path, source: Source, base_hash: str) -> dict:
+    base = out / "base"
+    manifest = base / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if data.get("base_model_sha256") == base_hash and (base / "weights.bin").is_file():
+            return data
+    tmp = out / f".tmp-base-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with status("writing the shared base weights"):
+        table = write_base(source.onnx(), tmp)
+    data = {"base_model_sha256": base_hash, "model": str(source.model), "tensors": table,
+            "files": file_hashes(tmp, ["model.onnx", "weights.bin"]), "tool_version": __version__}
+    atomic_write(tmp / "manifest.json", dump_json(data))
+    _replace_dir(tmp, base)
+    return data
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an old version is removed after the swap."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _onnx_task(base_dir: str, base_table: dict, masks, tmp: str) -> dict:
+    """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too)."""
+    import onnx_ir as ir
+
+    from .onnx import specialize_onnx
+
+    path = Path(base_dir) / "model.onnx"
+    cache_key = (str(path), path.stat().st_mtime_ns)  # a rebuilt base is a new file
+    base = _BASE_CACHE.get(cache_key)
+    if base is None:
+        _BASE_CACHE.clear()
+        base = _BASE_CACHE[cache_key] = _load_base(path)
+    small = specialize_onnx(base, [np.asarray(m, dtype=np.float32) for m in masks])
+    from .onnx import initializer_count
+
+    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table)
+    info["onnx_initializer_scalars"] = initializer_count(base) - _removed(base, masks)
+    return info
+
+
+_BASE_CACHE: dict = {}
+
+
+def _load_base(path: Path):
+    """The base ONNX model with its weights memory-mapped from ``weights.bin``.
+
+    onnx_ir refuses to read external data from a file with several hard links (a guard
+    against hard-link attacks); the base weights have one link per task by design, and
+    the file is ours, so it is mapped directly (lazily: only sliced tensors are read).
+    """
+    import onnx_ir as ir
+
+    model = ir.load(str(path))
+    weights = path.parent / "weights.bin"
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            if t.location != "weights.bin":
+                raise ArtifactError(f"{path}: tensor {value.name} points at {t.location!r}, not weights.bin")
+            dtype = t.dtype.numpy()
+            count = t.length // dtype.itemsize
+            array = np.memmap(weights, dtype=dtype, mode="r", offset=t.offset, shape=(count,))
+            value.const_value = ir.Tensor(array.reshape(tuple(t.shape.numpy())), dtype=t.dtype, name=value.name)
+    return model
+
+
+def _removed(base, masks) -> int:
+    from .onnx import find_onnx_ffn_blocks
+
+    blocks = find_onnx_ffn_blocks(base)
+    return sum((b.width - int(np.count_nonzero(m))) * b.params_per_channel() for b, m in zip(blocks, masks))
+
+
+@dataclass
+class BuildReport:
+    built: list[str]
+    skipped: list[str]
+    shared: list[str]
+
+
+def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
+          only: str | None = None) -> BuildReport:
+    """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``."""
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise BuildError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+    if not 0 < keep <= 1:
+        raise BuildError(f"--keep must be in (0, 1], got {keep}")
+    if jobs < 1:
+        raise BuildError(f"--jobs must be at least 1, got {jobs}")
+    tasks = read_tasks(tasks_file)
+    if only is not None:
+        tasks = [t for t in tasks if t.name == only]
+        if not tasks:
+            raise BuildError(f"--only {only}: no task of that name in {tasks_file}")
+    out = Path(out)
+    _prepare_out(out)
+    source = Source(model, keep)
+    if source.kind == "onnx" and "pt2" in formats:
+        raise BuildError(f"model {model} is ONNX: the pt2 format needs a torch model")
+    with _locked(out):
+        for leftover in out.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        (out / "tasks").mkdir(exist_ok=True)
+        with status("hashing the base model"):
+            base_hash = model_hash(model)
+        keys = {t.name: _task_key(t, base_hash, keep, formats) for t in tasks}
+        todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
+        report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
+        if todo:
+            # every mask is computed and checked before anything is written
+            masks = {t.name: source.masks_for(t) for t in progress(todo, "computing masks")}
+            try:
+                base = _ensure_base(out, source, base_hash) if "onnx" in formats else {}
+                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report)
+            except OSError as e:  # a full disk, permissions: no partial task stays behind
+                for leftover in out.glob(".tmp-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                where = e.filename or out
+                raise BuildError(f"writing {where} failed: {e.strerror or e}; no partial task was left in {out}") from None
+        _write_index(out)
+    return report
+
+
+def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) -> None:
+    digests = {name: mask_digest(m) for name, m in masks.items()}
+    first: dict[str, str] = {}  # mask digest -> temp dir that holds its files
+    tmps = {t.name: out / f".tmp-{t.name}-{os.getpid()}" for t in todo}
+    jobs_needed = []
+    for t in todo:
+        tmps[t.name].mkdir()
+        if digests[t.name] not in first:
+            first[digests[t.name]] = t.name
+            jobs_needed.append(t)
+    infos: dict[str, dict] = {}
+    base_dir = str(out / "base")
+    if "onnx" in formats:
+        args = [(base_dir, base["tensors"], masks[t.name], str(tmps[t.name])) for t in jobs_needed]
+        if jobs > 1 and len(args) > 1:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_onnx_task, *a) for a in args]
+                for t, f in progress(zip(jobs_needed, futures), "building tasks", total=len(futures)):
+                    infos[t.name] = f.result()
+        else:
+            for t, a in progress(list(zip(jobs_needed, args)), "building tasks"):
+                infos[t.name] = _onnx_task(*a)
+    if "pt2" in formats:
+        import torch
+
+        from .passes import specialize
+
+        ep = source.programs()[0]
+        for t in progress(jobs_needed, "writing pt2 programs"):
+            small = specialize(ep, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
+            tmp_file = tmps[t.name] / ".program.pt2.tmp"
+            torch.export.save(small, str(tmp_file))
+            os.replace(tmp_file, tmps[t.name] / "program.pt2")
+            infos.setdefault(t.name, {})["pt2_parameters"] = _count(small)
+    for t in todo:
+        owner = first[digests[t.name]]
+        tmp = tmps[t.name]
+        if owner != t.name:  # identical mask: hard-link the owner's files
+            for f in sorted(tmps[owner].iterdir()):
+                if f.name != "manifest.json":
+                    _link_or_copy(f, tmp / f.name)
+            report.shared.append(t.name)
+        info = infos.get(owner, {})
+        _write_manifest(tmp, t, keys[t.name], digests[t.name], masks[t.name], info, base)
+    for t in todo:
+        _replace_dir(tmps[t.name], out / "tasks" / t.name)
+        report.built.append(t.name)
+
+
+def _count(ep) -> int:
+    from .stats import count_parameters
+
+    return count_parameters(ep)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: dict, base: dict) -> None:
+    files = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")
+    manifest = {
+        "name": task.name,
+        "inputs": key,
+        "instruction": task.instruction,
+        "mask_sha256": digest,
+        "kept_channels": [int(np.count_nonzero(m)) for m in masks],
+        "widths": [int(np.asarray(m).shape[0]) for m in masks],
+        "parameters": {k: v for k, v in info.items() if k.endswith(("parameters", "scalars"))},
+        "own_weight_bytes": info.get("own_weight_bytes"),
+        "base_linked": info.get("base_linked"),
+        "formats": key["formats"],
+        "files": file_hashes(tmp, files),
+        "tool_version": __version__,
+    }
+    atomic_write(tmp / "manifest.json", dump_json(manifest))
+
+
+def _write_index(out: Path) -> None:
+    tasks = {}
+    for d in sorted((out / "tasks").iterdir()):
+        if d.is_dir() and (d / "manifest.json").is_file():
+            m = json.loads((d / "manifest.json").read_text())
+            tasks[d.name] = {"path": f"tasks/{d.name}", "mask_sha256": m["mask_sha256"],
+                             "kept_channels": sum(m["kept_channels"]), "parameters": m["parameters"],
+                             "instruction": m["instruction"]}
+    atomic_write(out / "index.json", dump_json({"tool_version": __version__, "tasks": tasks}))
+
+
+def verify(out) -> list[str]:
+    """Check every task of a build directory (and the base); returns the task names."""
+    out = Path(out)
+    if not (out / "index.json").is_file():
+        raise ArtifactError(f"{out}: not an ifp-compile build directory (no index.json)")
+    cache: dict = {}
+    base = out / "base"
+    if base.exists():
+        verify_artifact(base, cache=cache)
+    names = sorted(json.loads((out / "index.json").read_text())["tasks"])
+    for name in progress(names, "verifying tasks"):
+        verify_artifact(out / "tasks" / name, cache=cache)
+    return names
+
+
+def inspect_rows(out) -> list[dict]:
+    out = Path(out)
+    if not (out / "index.json").is_file():
+        raise ArtifactError(f"{out}: not an ifp-compile build directory (no index.json)")
+    rows = []
+    for name in sorted(json.loads((out / "index.json").read_text())["tasks"]):
+        d = out / "tasks" / name
+        m = json.loads((d / "manifest.json").read_text())
+        own = sum((d / f).stat().st_size for f in m["files"] if f != "base.bin")
+        kept, total = sum(m["kept_channels"]), sum(m["widths"])
+        params = m["parameters"].get("pt2_parameters") or m["parameters"].get("onnx_initializer_scalars")
+        rows.append({"task": name, "kept": f"{kept}/{total} ({100 * kept / total:.1f}%)", "parameters": params,
+                     "own_bytes": own, "formats": ",".join(m["formats"]), "instruction": m["instruction"] or "(mask)"})
+    return rows

@@ -1,0 +1,229 @@
+"""``ifp-compile build``: artifacts equal the specialised program, and the build is
+deterministic, incremental, deduplicating, atomic, locked and verifiable."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ifp_compile as ifp
+from ifp_compile.cli import main
+from tests.helpers import export_lm
+from tests.zoo import hf_model
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from safetensors.numpy import save_file  # noqa: E402
+
+from ifp_compile.artifacts import ArtifactError, load_artifact  # noqa: E402
+from ifp_compile.build import BuildError, build, inspect_rows, verify  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A saved tiny Llama program, three mask files (two tasks share one) and tasks.jsonl."""
+    d = tmp_path_factory.mktemp("proj")
+    ep, ids = export_lm(hf_model("llama"), dynamic=True)
+    torch.export.save(ep, str(d / "model.pt2"))
+    g = np.random.default_rng(0)
+    masks = {
+        "m1": [(g.random(64) < 0.5).astype(np.float32), (g.random(64) * 2).astype(np.float32)],
+        "m2": [np.ones(64, np.float32), np.zeros(64, np.float32)],
+    }
+    for k, m in masks.items():
+        save_file({"ffn.0": m[0], "ffn.1": m[1]}, str(d / f"{k}.safetensors"))
+    lines = [{"name": "alpha", "mask": "m1.safetensors"}, {"name": "beta", "mask": "m2.safetensors"},
+             {"name": "gamma", "mask": "m1.safetensors"}]
+    (d / "tasks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d, ep, ids, masks
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def run_task(task_dir: Path, ids):
+    sess = ort.InferenceSession(str(task_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"input_ids": ids.numpy()})[0])
+
+
+def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
+    d, ep, ids, masks = project
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "out", formats=("onnx", "pt2"))
+    assert report.built == ["alpha", "beta", "gamma"] and report.shared == ["gamma"]
+    out = tmp_path / "out"
+    for name, key in [("alpha", "m1"), ("beta", "m2"), ("gamma", "m1")]:
+        m = [torch.from_numpy(x) for x in masks[key]]
+        with torch.no_grad():
+            ref = ifp.specialize(ep, mask=m).module()(ids)
+        torch.testing.assert_close(run_task(out / "tasks" / name, ids), ref, rtol=1e-5, atol=2e-5)
+        proto = load_artifact(out / "tasks" / name)
+        import onnx
+
+        onnx.checker.check_model(proto, full_check=True)
+        prog = load_artifact(out / "tasks" / name, format="pt2")
+        torch.testing.assert_close(prog.module()(ids), ref, rtol=0, atol=0)
+        manifest = json.loads((out / "tasks" / name / "manifest.json").read_text())
+        assert manifest["kept_channels"] == [int(np.count_nonzero(x)) for x in masks[key]]
+        assert manifest["parameters"]["pt2_parameters"] == ifp.count_parameters(ifp.specialize(ep, mask=m))
+    # tasks with one mask share their files; every task shares the base weights
+    a, g = out / "tasks" / "alpha", out / "tasks" / "gamma"
+    assert (a / "ffn.bin").stat().st_ino == (g / "ffn.bin").stat().st_ino
+    assert (a / "base.bin").stat().st_ino == (out / "base" / "weights.bin").stat().st_ino
+    # own bytes: the sliced FFN weights only
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index["tasks"]) == ["alpha", "beta", "gamma"]
+    assert verify(out) == ["alpha", "beta", "gamma"]
+    rows = {r["task"]: r for r in inspect_rows(out)}
+    assert rows["beta"]["kept"] == "64/128 (50.0%)"
+
+
+def test_build_is_deterministic_and_incremental(project, tmp_path):
+    d, *_ = project
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "one")
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "two")
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one), "builds differ"
+    # nothing changed: nothing rebuilt, nothing rewritten
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "one")
+    assert report.built == [] and report.skipped == ["alpha", "beta", "gamma"]
+    assert files_of(tmp_path / "one") == one
+    # one mask file changes: only its task is rebuilt
+    tasks = d / "tasks2.jsonl"
+    save_file({"ffn.0": np.ones(64, np.float32), "ffn.1": np.ones(64, np.float32)}, str(d / "m3.safetensors"))
+    tasks.write_text((d / "tasks.jsonl").read_text().replace('"beta", "mask": "m2', '"beta", "mask": "m3'))
+    report = build(str(d / "model.pt2"), tasks, tmp_path / "one")
+    assert report.built == ["beta"] and report.skipped == ["alpha", "gamma"]
+    # --only builds one task
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "three", only="beta")
+    assert report.built == ["beta"] and sorted(json.loads((tmp_path / "three" / "index.json").read_text())["tasks"]) == ["beta"]
+
+
+def test_parallel_build_equals_serial_build(project, tmp_path):
+    d, *_ = project
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "serial")
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "parallel", jobs=2)
+    assert files_of(tmp_path / "serial") == files_of(tmp_path / "parallel")
+
+
+def test_verify_refuses_a_tampered_file(project, tmp_path):
+    d, *_ = project
+    out = tmp_path / "out"
+    build(str(d / "model.pt2"), d / "tasks.jsonl", out)
+    f = out / "tasks" / "beta" / "ffn.bin"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"tasks/beta/ffn.bin: sha256 .* does not match the manifest"):
+        verify(out)
+    with pytest.raises(ArtifactError, match="ffn.bin: sha256"):
+        load_artifact(out / "tasks" / "beta")
+    assert main(["verify", str(out)]) == 2
+
+
+def test_bad_build_inputs_are_named(project, tmp_path, capsys):
+    d, *_ = project
+    model = str(d / "model.pt2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"name": "ok", "mask": "%s"}\n{"name": "x", "mask": \n' % (d / "m1.safetensors"))
+    with pytest.raises(BuildError, match=r"bad.jsonl:2: not valid JSON"):
+        build(model, bad, tmp_path / "o")
+    bad.write_text('{"name": "../escape", "mask": "m.safetensors"}\n')
+    with pytest.raises(BuildError, match=r"bad.jsonl:1: task name '../escape' must be a plain file name"):
+        build(model, bad, tmp_path / "o")
+    bad.write_text('{"name": "a"}\n')
+    with pytest.raises(BuildError, match=r"bad.jsonl:1: task 'a' needs exactly one of"):
+        build(model, bad, tmp_path / "o")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BuildError, match="exists and is not a directory"):
+        build(model, d / "tasks.jsonl", tmp_path / "file")
+    save_file({"ffn.0": np.ones(32, np.float32), "ffn.1": np.ones(64, np.float32)}, str(tmp_path / "w.safetensors"))
+    bad.write_text('{"name": "a", "mask": "w.safetensors"}\n')
+    with pytest.raises(ifp.MaskError, match=r"ffn.0 has shape \(32,\), the model's block 0 has width 64"):
+        build(model, bad, tmp_path / "o2")
+    assert not (tmp_path / "o2" / "base").exists(), "masks are checked before anything is written"
+    assert main(["build", "--model", model, "--tasks", str(bad), "--out", str(tmp_path / "o3")]) == 2
+    assert "error: mask file" in capsys.readouterr().err
+
+
+def test_concurrent_build_is_refused(project, tmp_path):
+    d, *_ = project
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BuildError, match="is being written by another build"):
+            build(str(d / "model.pt2"), d / "tasks.jsonl", out)
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_leaves_no_partial_task(project, tmp_path, monkeypatch):
+    d, *_ = project
+    import errno
+
+    from ifp_compile import artifacts
+
+    calls = {"n": 0}
+    real_add = artifacts._Packer.add
+
+    def add(self, data):
+        calls["n"] += 1
+        if self.path.name == "ffn.bin" and calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, data)
+
+    monkeypatch.setattr(artifacts._Packer, "add", add)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="No space left on device; no partial task was left"):
+        build(str(d / "model.pt2"), d / "tasks.jsonl", out)
+    assert list(out.glob(".tmp-*")) == []
+    assert not any((out / "tasks").iterdir())
+
+
+def test_killed_build_leaves_only_complete_tasks(project, tmp_path):
+    d, *_ = project
+    out = tmp_path / "out"
+    code = ("import sys; from ifp_compile.build import build; "
+            f"build({str(d / 'model.pt2')!r}, {str(d / 'tasks.jsonl')!r}, {str(out)!r})")
+    env = dict(os.environ, IFP_QUIET="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(Path(__file__).parent.parent))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob(".tmp-*")) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "tasks").exists():
+        for task in (out / "tasks").iterdir():  # whatever made it into place is complete
+            assert (task / "manifest.json").is_file()
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", out)  # the next build finishes the job
+    assert sorted(report.built + report.skipped) == ["alpha", "beta", "gamma"]
+    assert list(out.glob(".tmp-*")) == []
+    assert verify(out) == ["alpha", "beta", "gamma"]
+
+
+def test_onnx_model_builds_mask_tasks(project, tmp_path):
+    d, ep, ids, masks = project
+    from ifp_compile.onnx import export_onnx
+
+    (tmp_path / "model.onnx").write_bytes(export_onnx(ep).SerializeToString())
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"name": "beta", "mask": str(d / "m2.safetensors")}) + "\n")
+    build(str(tmp_path / "model.onnx"), tasks, tmp_path / "out")
+    m = [torch.from_numpy(x) for x in masks["m2"]]
+    with torch.no_grad():
+        ref = ifp.specialize(ep, mask=m).module()(ids)
+    torch.testing.assert_close(run_task(tmp_path / "out" / "tasks" / "beta", ids), ref, rtol=1e-5, atol=2e-5)
+    with pytest.raises(BuildError, match="is ONNX: the pt2 format needs a torch model"):
+        build(str(tmp_path / "model.onnx"), tasks, tmp_path / "out", formats=("pt2",))
