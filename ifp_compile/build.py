@@ -184,7 +184,7 @@ class Source:
 
     def __init__(self, model: str, keep: float):
         self.model, self.kind, self.keep = model, model_kind(model), keep
-        self._ep = self._predictor_program = self._tokenizer = self._onnx = None
+        self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = None
 
     def torch_model(self):
         if self.kind == "default":
@@ -207,7 +207,6 @@ class Source:
             import torch
 
             from .capture import export
-            from .passes import insert_masks
 
             if self.kind == "onnx":
                 raise BuildError(f"model {self.model} is ONNX: it can build mask tasks in ONNX format only")
@@ -218,14 +217,21 @@ class Source:
                 has_pred = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(self._ep))
                 self._predictor_program = self._ep if has_pred else None
             else:
-                from .predictors import PromptActivationPredictor
-
-                model, self._tokenizer = self.torch_model()
-                self._ep = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
-                with status("inserting the prompt-activation predictor"):
-                    self._predictor_program = insert_masks(self._ep, predictor=PromptActivationPredictor(
-                        model, keep=self.keep))
+                self._model, self._tokenizer = self.torch_model()
+                self._ep = export(self._model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
         return self._ep, self._predictor_program, self._tokenizer
+
+    def predictor_program(self):
+        """The program with the predictor branch, built only when an instruction task needs it."""
+        ep, pred, _ = self.programs()
+        if pred is None and self._model is not None:
+            from .passes import insert_masks
+            from .predictors import PromptActivationPredictor
+
+            with status("inserting the prompt-activation predictor"):
+                pred = self._predictor_program = insert_masks(
+                    ep, predictor=PromptActivationPredictor(self._model, keep=self.keep))
+        return pred
 
     def onnx(self):
         if self._onnx is None:
@@ -253,7 +259,7 @@ class Source:
     def masks_for(self, task: Task):
         if task.mask_file is not None:
             return read_mask_file(task.mask_file, self.widths())
-        ep, pred, tok = self.programs()
+        pred, tok = self.predictor_program(), self.programs()[2]
         if pred is None:
             raise BuildError(f"task {task.name!r} has an instruction, but model {self.model} has no predictor "
                              "branch (give mask files, or a model ifp-compile can load with a predictor)")

@@ -82,3 +82,44 @@ def test_demo_on_smollm2(smollm2, capsys):
     assert small.text.strip() and dense.text.strip()
     table = format_table(result)
     assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table
+
+
+def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
+    """`ifp-compile build` on the default model: ONNX artifacts equal the torch specialisation."""
+    import json
+
+    import numpy as np
+
+    ort = pytest.importorskip("onnxruntime")
+    from ifp_compile.build import build, verify
+    from ifp_compile.onnx import find_onnx_ffn_blocks
+    from ifp_compile.predictors import PromptActivationPredictor
+
+    model, tok = smollm2[0], smollm2[1]
+    tasks = tmp_path / "tasks.jsonl"
+    instr = {"math": "Solve this math word problem step by step.", "code": "Write a Python function."}
+    lines = [{"name": k, "instruction": v} for k, v in instr.items()] + [{"name": "math2", "instruction": instr["math"]}]
+    tasks.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = build("default", tasks, tmp_path / "out", keep=0.5)
+    assert report.built == ["math", "code", "math2"] and report.shared == ["math2"]
+    assert verify(tmp_path / "out") == ["code", "math", "math2"]
+    ep = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    prog = ifp.insert_masks(ep, predictor=PromptActivationPredictor(model, keep=0.5))
+    x = torch.randint(0, 1000, (1, 24))
+    for name, text in instr.items():
+        d = tmp_path / "out" / "tasks" / name
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"input_ids": x.numpy()})[0])
+        with torch.no_grad():
+            ref = ifp.specialize(prog, text, tokenizer=tok).module()(x)
+        assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["kept_channels"] == [768] * 30 and manifest["instruction"] == text
+        own = (d / "ffn.bin").stat().st_size + (d / "model.onnx").stat().st_size
+        kept = 30 * 768 * 3 * 576 * 4
+        assert kept <= own <= kept + 2 * 2**20
+    import onnx_ir as ir
+
+    assert len(find_onnx_ffn_blocks(ir.load(str(tmp_path / "out" / "base" / "model.onnx")))) == 30
+    assert np.array_equal(np.fromfile(tmp_path / "out" / "tasks" / "math" / "ffn.bin", dtype=np.uint8),
+                          np.fromfile(tmp_path / "out" / "tasks" / "math2" / "ffn.bin", dtype=np.uint8))
