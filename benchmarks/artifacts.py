@@ -25,19 +25,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from safetensors.numpy import save_file
-from torch.utils.flop_counter import FlopCounterMode
 
 import ifp_compile as ifp
-from ifp_compile.build import build
+from ifp_compile.stats import count_flops
+from ifp_compile.artifacts import write_task_onnx
+from ifp_compile.build import _load_base, build
 from ifp_compile.onnx import export_onnx, find_onnx_ffn_blocks, specialize_onnx
 from ifp_compile.progress import status
 from ifp_compile.real_model import load_smollm2
-
-
-def flops(module, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
 
 
 def ort_latency(path: Path, x, repeats: int = 10) -> float:
@@ -98,20 +93,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         build("default", work / "one.jsonl", work / "out")
         t_first = time.perf_counter() - t0  # includes loading + exporting the base once
-        from ifp_compile.build import _load_base  # weights memory-mapped (the file is hard-linked)
-
-        base = _load_base(work / "out" / "base" / "model.onnx")
+        base = _load_base(work / "out" / "base" / "model.onnx")  # memory-mapped (the file is hard-linked)
         assert len(find_onnx_ffn_blocks(base)) == len(blocks)
+        base_table = json.loads((work / "out" / "base" / "manifest.json").read_text())["tensors"]
         task_times = []
         for i in range(5):
             t0 = time.perf_counter()
             s = specialize_onnx(base, masks)
             d = work / f"direct{i}"
             d.mkdir()
-            from ifp_compile.artifacts import write_task_onnx
-
-            if i == 0:
-                base_table = json.loads((work / "out" / "base" / "manifest.json").read_text())["tensors"]
             write_task_onnx(s, d, work / "out" / "base", base_table)
             task_times.append(time.perf_counter() - t0)
         t_task = statistics.median(task_times)
@@ -122,7 +112,7 @@ def main(argv=None) -> int:
         x = torch.randint(0, 1000, (1, args.tokens))
         lat_dense = ort_latency(work / "out" / "base" / "model.onnx", x)
         lat_small = ort_latency(task_dir / "model.onnx", x)
-        ideal = flops(ep.module(), x) / flops(small.module(), x)
+        ideal = count_flops(ep.module(), x) / count_flops(small.module(), x)
         sess = ort.InferenceSession(str(task_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         got = sess.run(None, {"input_ids": x.numpy()})[0]
         with torch.no_grad():
@@ -168,7 +158,7 @@ def main(argv=None) -> int:
         print(row(f"onnxruntime {args.tokens}-token prompt, specialised", f"{1e3 * lat_small:.1f} ms"))
         print(row("  speedup vs ideal FLOP ratio", f"{lat_dense / lat_small:.3f}x / {ideal:.3f}x = "
                   f"{lat_dense / lat_small / ideal:.2f}"))
-        print(f"(the --jobs rows build from the base as an ONNX file, including writing its base once)")
+        print("(the --jobs rows build from the base as an ONNX file, including writing its base once)")
         print(row(f"build {args.tasks} tasks, --jobs 1", f"{job_times[1]:.1f} s"))
         print(row(f"build {args.tasks} tasks, --jobs 2", f"{job_times[2]:.1f} s"))
         print(row("  --jobs 2 speedup (identical files: " + ("yes" if same else "NO") + ")",

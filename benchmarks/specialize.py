@@ -29,9 +29,9 @@ import threading
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import ifp_compile as ifp
+from ifp_compile.stats import count_flops
 from ifp_compile.capture import CausalLMLogits
 from ifp_compile.graph_utils import input_specs_by_node, state_tensor
 from ifp_compile.progress import progress, status
@@ -104,12 +104,6 @@ def timed(fn, repeats: int, *, collect: bool = True, faults: list[int] | None = 
         finally:
             gc.enable()
     return out
-
-
-def flops(module, x) -> int:
-    with FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
 
 
 def phase_breakdown(masked, masks, repeats: int) -> dict[str, float]:
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- 3. forward ----------------------------------------------------------------
     x = torch.randint(0, 1000, (1, args.tokens))
     dense_mod, small_mod = ep.module(), small.module()
-    f_dense, f_small = flops(dense_mod, x), flops(small_mod, x)
+    f_dense, f_small = count_flops(dense_mod, x), count_flops(small_mod, x)
     with torch.no_grad():
         for _ in range(2):  # warm-up
             dense_mod(x), small_mod(x)

@@ -50,8 +50,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to ``dst`` (no extra disk); copy where links are impossible."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
+        return False
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -121,20 +129,21 @@ def _write_model(model, directory: Path, packers: dict[str, _Packer], choose) ->
 def write_base(model, directory: Path) -> dict[str, Any]:
     """Write the base model (graph + every initializer) to ``directory``; returns its table.
 
-    The table maps initializer name -> [offset, length, sha256] in ``weights.bin``; tasks
-    reuse a base tensor when their initializer has the same name and the same bytes.
+    The table maps initializer name -> [offset, length] in ``weights.bin``; tasks reuse a
+    base tensor when their initializer has the same name and size (see ``write_task_onnx``).
     """
     directory.mkdir(parents=True, exist_ok=True)
     packer = _Packer(directory / ".weights.bin.tmp")
     table: dict[str, list] = {}
 
     def choose(value):
-        data = _tensor_bytes(value.const_value)
-        span = packer.add(data)
-        table[value.name] = [span[0], span[1], sha256_bytes(data)]
+        span = packer.add(_tensor_bytes(value.const_value))
+        table[value.name] = list(span)
         return "weights.bin", span
 
-    model = _shallow_copy(model)
+    from .passes.onnx_specialize import clone_model  # needs the onnx extra
+
+    model = clone_model(model)  # re-point the copy's initializers, never the caller's
     try:
         _write_model(model, directory, {"weights.bin": packer}, choose)
     finally:
@@ -143,28 +152,13 @@ def write_base(model, directory: Path) -> dict[str, Any]:
     return table
 
 
-def _shallow_copy(model):
-    """A model whose initializer values can be re-pointed without touching the caller's."""
-    from .passes.onnx_specialize import _clone_model
-
-    return _clone_model(model)
-
-
 def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str, Any]) -> dict[str, Any]:
     """Write a specialised ONNX model into a (temporary) task directory.
 
     Tensors identical to a base tensor point into ``base.bin`` (a hard link to the base
     weights); the rest (the task's sliced FFN weights) go to ``ffn.bin``.
     """
-    link = directory / "base.bin"
-    try:
-        os.link(base_dir / "weights.bin", link)
-        linked = True
-    except OSError:
-        import shutil
-
-        shutil.copyfile(base_dir / "weights.bin", link)
-        linked = False
+    linked = link_or_copy(base_dir / "weights.bin", directory / "base.bin")
     packer = _Packer(directory / "ffn.bin")
     own = 0
 

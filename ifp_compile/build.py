@@ -38,6 +38,7 @@ from .artifacts import (
     atomic_write,
     dump_json,
     file_hashes,
+    link_or_copy,
     sha256_file,
     verify_artifact,
     write_base,
@@ -340,9 +341,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def _onnx_task(base_dir: str, base_table: dict, masks, tmp: str) -> dict:
     """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too)."""
-    import onnx_ir as ir
-
-    from .onnx import specialize_onnx
+    from .onnx import initializer_count, specialize_onnx
 
     path = Path(base_dir) / "model.onnx"
     cache_key = (str(path), path.stat().st_mtime_ns)  # a rebuilt base is a new file
@@ -351,10 +350,9 @@ def _onnx_task(base_dir: str, base_table: dict, masks, tmp: str) -> dict:
         _BASE_CACHE.clear()
         base = _BASE_CACHE[cache_key] = _load_base(path)
     small = specialize_onnx(base, [np.asarray(m, dtype=np.float32) for m in masks])
-    from .onnx import initializer_count
-
+    scalars = initializer_count(small)
     info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table)
-    info["onnx_initializer_scalars"] = initializer_count(base) - _removed(base, masks)
+    info["onnx_initializer_scalars"] = scalars
     return info
 
 
@@ -382,13 +380,6 @@ def _load_base(path: Path):
             array = np.memmap(weights, dtype=dtype, mode="r", offset=t.offset, shape=(count,))
             value.const_value = ir.Tensor(array.reshape(tuple(t.shape.numpy())), dtype=t.dtype, name=value.name)
     return model
-
-
-def _removed(base, masks) -> int:
-    from .onnx import find_onnx_ffn_blocks
-
-    blocks = find_onnx_ffn_blocks(base)
-    return sum((b.width - int(np.count_nonzero(m))) * b.params_per_channel() for b, m in zip(blocks, masks))
 
 
 @dataclass
@@ -485,7 +476,7 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
         if owner != t.name:  # identical mask: hard-link the owner's files
             for f in sorted(tmps[owner].iterdir()):
                 if f.name != "manifest.json":
-                    _link_or_copy(f, tmp / f.name)
+                    link_or_copy(f, tmp / f.name)
             report.shared.append(t.name)
         info = infos.get(owner, {})
         _write_manifest(tmp, t, keys[t.name], digests[t.name], masks[t.name], info, base)
@@ -498,13 +489,6 @@ def _count(ep) -> int:
     from .stats import count_parameters
 
     return count_parameters(ep)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: dict, base: dict) -> None:

@@ -39,3 +39,12 @@ def kept_parameters(ep: ExportedProgram, blocks: Sequence[FFNBlock], masks: Sequ
         total -= (b.width - k) * (per - shared_per)
         total += k * shared_per
     return total
+
+
+def count_flops(module, *args) -> int:
+    """FLOPs of one forward of ``module(*args)``, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    return counter.get_total_flops()

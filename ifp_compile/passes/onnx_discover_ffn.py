@@ -332,7 +332,7 @@ def _block(walk: _Walk, index: int, order: dict[int, int]) -> OnnxFFNBlock:
         block_nodes.add(id(proj.node))
         if proj.output is not proj.node.outputs[0]:
             block_nodes.add(id(proj.output.producer()))
-    for k, (proj, offsets) in enumerate(walk.ups):
+    for proj, offsets in walk.ups:
         role = "gate_up" if len(offsets) > 1 else "up"
         t = _const(proj.weight)
         params.append(OnnxParam(proj.weight.name, role, proj.out_axis, offsets, tuple(t.shape), proj.reader.name))

@@ -26,7 +26,7 @@ from ..masks import validate_masks
 from .onnx_discover_ffn import OnnxFFNBlock, _as_ir, find_onnx_ffn_blocks
 
 
-def _clone_model(model: ir.Model) -> ir.Model:
+def clone_model(model: ir.Model) -> ir.Model:
     return ir.Model(
         model.graph.clone(),
         ir_version=model.ir_version,
@@ -65,7 +65,7 @@ def _resize_last(v: ir.Value, w: int, k: int) -> None:
 
 class _OnnxFolder:
     def __init__(self, model: ir.Model):
-        self.model = _clone_model(model)
+        self.model = clone_model(model)
         self.graph = self.model.graph
         self.values = _values_by_name(self.graph)
         self.masks_removed: list[ir.Value] = []
