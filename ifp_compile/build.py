@@ -339,7 +339,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _onnx_task(base_dir: str, base_table: dict, masks, tmp: str) -> dict:
+def _onnx_task(base_dir: str, base_table: dict, base_sha256: str, masks, tmp: str) -> dict:
     """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too)."""
     from .onnx import initializer_count, specialize_onnx
 
@@ -351,7 +351,7 @@ def _onnx_task(base_dir: str, base_table: dict, masks, tmp: str) -> dict:
         base = _BASE_CACHE[cache_key] = _load_base(path)
     small = specialize_onnx(base, [np.asarray(m, dtype=np.float32) for m in masks])
     scalars = initializer_count(small)
-    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table)
+    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table, base_sha256)
     info["onnx_initializer_scalars"] = scalars
     return info
 
@@ -447,7 +447,8 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
     infos: dict[str, dict] = {}
     base_dir = str(out / "base")
     if "onnx" in formats:
-        args = [(base_dir, base["tensors"], masks[t.name], str(tmps[t.name])) for t in jobs_needed]
+        base_sha = base["files"]["weights.bin"]
+        args = [(base_dir, base["tensors"], base_sha, masks[t.name], str(tmps[t.name])) for t in jobs_needed]
         if jobs > 1 and len(args) > 1:
             import multiprocessing as mp
 
@@ -493,6 +494,7 @@ def _count(ep) -> int:
 
 def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: dict, base: dict) -> None:
     files = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")
+    known = info.get("files", {})  # hashed by the worker while writing (hard links: same bytes)
     manifest = {
         "name": task.name,
         "inputs": key,
@@ -504,7 +506,7 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
         "own_weight_bytes": info.get("own_weight_bytes"),
         "base_linked": info.get("base_linked"),
         "formats": key["formats"],
-        "files": file_hashes(tmp, files),
+        "files": {n: known.get(n) or sha256_file(tmp / n) for n in files},
         "tool_version": __version__,
     }
     atomic_write(tmp / "manifest.json", dump_json(manifest))

@@ -84,6 +84,20 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert sorted(index["tasks"]) == ["alpha", "beta", "gamma"]
     assert verify(out) == ["alpha", "beta", "gamma"]
+    # hashes computed while writing (and the base hash reused) equal re-reading the files
+    from ifp_compile.artifacts import sha256_file
+
+    for name in ("alpha", "beta"):
+        files = json.loads((out / "tasks" / name / "manifest.json").read_text())["files"]
+        assert files == {f: sha256_file(out / "tasks" / name / f) for f in files}
+    # the exporter's per-node metadata (stack traces) stays in the base graph only
+    import onnx
+
+    def node_metadata(path):
+        return sum(len(n.metadata_props) for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+    assert node_metadata(out / "base" / "model.onnx") > 0
+    assert node_metadata(a / "model.onnx") == 0
     rows = {r["task"]: r for r in inspect_rows(out)}
     assert rows["beta"]["kept"] == "64/128 (50.0%)"
 
