@@ -53,6 +53,21 @@ aten = torch.ops.aten
 # --------------------------------------------------------------------------------------
 # 1. the predictor branch
 # --------------------------------------------------------------------------------------
+def _check_vocabulary(program: ExportedProgram, instruction: Node, ids: torch.Tensor) -> None:
+    """Refuse ids beyond the predictor's embedding table (a tokenizer mismatch) with a
+    clear error instead of an index error from inside the embedding kernel."""
+    for user in instruction.users:
+        if user.target is torch.ops.aten.embedding.default and user.args[1] is instruction:
+            rows = user.args[0].meta["val"].shape[0]
+            top, low = int(ids.max()), int(ids.min())
+            if top >= rows or low < 0:
+                bad = top if top >= rows else low
+                raise InstructionError(
+                    f"instruction token id {bad} is outside the predictor's vocabulary (embedding of {rows} rows): "
+                    "was the instruction tokenized with another model's tokenizer?"
+                )
+
+
 def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.Tensor) -> list[torch.Tensor]:
     """Evaluate only the predictor branch of ``program`` on ``ids``."""
     nodes = node_by_name(program.graph)
@@ -72,6 +87,7 @@ def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.T
             if spec.kind == InputKind.USER_INPUT:
                 if n.name != INSTRUCTION_INPUT:
                     raise ProgramError(f"the predictor branch reads the model input {n.name}")
+                _check_vocabulary(program, n, ids)
                 inputs.append(ids)
             else:
                 inputs.append(state_tensor(program, spec))
