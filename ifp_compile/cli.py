@@ -6,6 +6,7 @@ Subcommands:
   build    one artifact per task (ONNX with a shared base, and/or pt2) for build systems
   verify   check every sha256 of a build directory
   inspect  a table of a build directory's tasks, sizes and kept parameters
+  train    train the IFPruning mask predictor (``ifp_compile.train``)
 
 Errors of the user's making (bad arguments, missing files, a program with no FFN) print
 ``error: ...`` and exit with status 2; nothing is written.
@@ -174,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "formats and instruction.")
     i.add_argument("dir", help="a build output directory")
     i.set_defaults(func=_cmd_inspect)
+
+    from .train.__main__ import add_arguments, train_main
+
+    t = sub.add_parser("train", help="train an IFPruning mask predictor (and optionally the LLM)",
+                       description="Joint training through the masked program, per a JSON config "
+                       "(docs/training.md). Resumes from OUT/checkpoint when it exists. For data-parallel "
+                       "runs: torchrun --nproc_per_node N -m ifp_compile.train --config CONFIG.")
+    add_arguments(t)
+    t.set_defaults(func=train_main)
     return p
 
 

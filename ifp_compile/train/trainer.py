@@ -1,0 +1,366 @@
+"""Joint training of the IFPredictor and the LLM through the masked program.
+
+One source of truth: the LLM forward used in training *is* the masked reference
+program (``insert_masks(ep).module()``: inputs ``input_ids`` and ``ffn_masks``), whose
+parameters are the Hugging Face model's own ``Parameter`` objects. Training therefore
+optimises exactly the math that ``specialize`` later folds into small dense weights,
+and the trained model re-exports as is.
+
+Masks differ per example (each example's predictor input gives its own mask) while the
+program takes one mask per block, so a step runs its examples one at a time and
+averages their losses (each example's loss is the mean over its target tokens). That
+equal weighting is what makes data parallelism exact: every rank averages its share,
+DDP averages the ranks, and the result is the single-process global-batch mean.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import IFPError
+from ..predictors.base import keep_counts
+from ..predictors.if_predictor import IFPredictor, LMEncoder
+from ..progress import quiet, status
+from . import checkpoint as ckpt
+from .config import TrainConfig, TrainError
+from .data import ByteTokenizer, Example, load_examples
+
+CHECKPOINT = "checkpoint"
+
+
+# --------------------------------------------------------------------------------------
+# the model side
+# --------------------------------------------------------------------------------------
+def load_model(model: str):
+    """(HF causal LM, tokenizer) for a config's ``model``: "default", a directory or a GGUF file."""
+    from ..build import BuildError, Source
+
+    try:
+        source = Source(model, keep=1.0)
+    except BuildError as e:
+        raise TrainError(str(e)) from None
+    if source.kind not in ("default", "hf", "gguf"):
+        raise TrainError(f"model {model}: training needs a Hugging Face model (directory, .gguf or 'default'), "
+                         f"not a .{source.kind} file")
+    if source.kind == "hf":  # a tiny saved model may have no tokenizer: load it only if present
+        from transformers import AutoModelForCausalLM
+
+        with status(f"loading {model}"):
+            lm = AutoModelForCausalLM.from_pretrained(model).eval()
+        tok = None
+        if any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model)
+        return lm, tok
+    return source.torch_model()
+
+
+def make_predictor(model: nn.Module, widths: list[int], cfg: TrainConfig) -> IFPredictor:
+    p = cfg.predictor
+    if p.encoder_model is not None:
+        encoder_lm, _ = load_model(p.encoder_model)
+        encoder = LMEncoder(encoder_lm)
+    else:
+        encoder = LMEncoder(model, num_layers=p.encoder_layers)
+    try:
+        counts = keep_counts(widths, cfg.keep)
+    except IFPError as e:
+        raise TrainError(f"keep: {e}") from None
+    for i, (k, w) in enumerate(zip(counts, widths)):
+        if k < 1:
+            raise TrainError(f"keep: FFN block {i} would keep {k} of {w} channels; every block keeps at least 1")
+    torch.manual_seed(cfg.seed)  # the head's initialisation is part of the run's identity
+    return IFPredictor(encoder, widths, counts, mlp_hidden=p.mlp_hidden, temperature=p.temperature,
+                       iterations=p.iterations, straight_through=p.straight_through)
+
+
+def example_loss(logits: torch.Tensor, ex: Example) -> torch.Tensor:
+    """Mean next-token cross-entropy over the example's target tokens."""
+    ids = torch.tensor(ex.input_ids, device=logits.device)
+    weight = torch.tensor(ex.loss_mask[1:], dtype=torch.float32, device=logits.device)
+    ce = nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="none")
+    return (ce * weight).sum() / weight.sum()
+
+
+class MaskedLMLoss(nn.Module):
+    """The local batch loss: predictor -> masks -> masked program -> mean example loss."""
+
+    def __init__(self, predictor: IFPredictor, lm: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+        self.lm = lm
+
+    def logits(self, ex: Example) -> torch.Tensor:
+        device = next(self.lm.parameters()).device
+        masks = self.predictor(torch.tensor([ex.predictor_ids], device=device))
+        return self.lm(torch.tensor([ex.input_ids], device=device), masks)
+
+    def forward(self, examples: list[Example]) -> torch.Tensor:
+        return sum(example_loss(self.logits(ex), ex) for ex in examples) / len(examples)
+
+
+@dataclass
+class Setup:
+    """Everything a run (or an evaluation) needs, built from a config."""
+
+    config: TrainConfig
+    model: nn.Module  # the Hugging Face model; its Parameters are the program's
+    tokenizer: object
+    program: torch.export.ExportedProgram  # the plain export
+    masked: torch.export.ExportedProgram  # insert_masks(program): the reference semantics
+    predictor: IFPredictor
+    loss: MaskedLMLoss
+    widths: list[int] = field(default_factory=list)
+
+    def llm_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def predictor_parameters(self) -> dict[str, nn.Parameter]:
+        """The predictor's own parameters (those shared with the LLM are the LLM's)."""
+        shared = {id(p) for p in self.model.parameters()}
+        return {n: p for n, p in self.predictor.named_parameters() if id(p) not in shared}
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    from ..capture import export
+    from ..passes import find_ffn_blocks, insert_masks
+
+    model, tok = load_model(cfg.model)
+    if cfg.tokenizer == "bytes":
+        tok = ByteTokenizer(int(model.config.vocab_size))
+    elif tok is None:
+        raise TrainError(f"model {cfg.model} has no tokenizer files; set \"tokenizer\": \"bytes\" for a test model")
+    program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    masked = insert_masks(program)
+    widths = [b.width for b in find_ffn_blocks(program)]
+    predictor = make_predictor(model, widths, cfg)
+    lm = masked.module()
+    return Setup(cfg, model, tok, program, masked, predictor, MaskedLMLoss(predictor, lm), widths)
+
+
+def check_vocabulary(examples: list[Example], predictor: IFPredictor, model: nn.Module, data: str) -> None:
+    """Ids beyond either vocabulary mean the tokenizer belongs to another model."""
+    vocab = int(model.config.vocab_size)
+    for i, ex in enumerate(examples):
+        top_in = max(ex.input_ids)
+        if top_in >= vocab:
+            raise TrainError(f"{data}: example {i} has token id {top_in} but the model's vocabulary has "
+                             f"{vocab} entries (tokenizer/vocabulary mismatch)")
+        top_pred = max(ex.predictor_ids)
+        if predictor.vocab_size is not None and top_pred >= predictor.vocab_size:
+            raise TrainError(f"{data}: example {i} gives the predictor token id {top_pred} but its encoder's "
+                             f"vocabulary has {predictor.vocab_size} entries (tokenizer/vocabulary mismatch)")
+
+
+# --------------------------------------------------------------------------------------
+# data order and distribution
+# --------------------------------------------------------------------------------------
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The global batch of a step: a seeded permutation per epoch, walked in order.
+
+    A pure function of (n, batch, step, seed): a resumed run and every rank agree on it
+    without any state.
+    """
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, offset = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[offset]))
+    return out
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the ``torchrun`` process group if there is one (gloo on CPU, NCCL on GPU)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():  # pragma: no cover - no GPU on the CI machines
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return World(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def _mean_across(value: torch.Tensor, world: World) -> float:
+    if world.size == 1:
+        return float(value.detach())
+    import torch.distributed as dist
+
+    v = value.detach().clone()
+    dist.all_reduce(v)
+    return float(v) / world.size
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+def _optimizer(s: Setup) -> torch.optim.Optimizer:
+    cfg = s.config
+    llm = list(s.llm_parameters().values())
+    for p in llm:
+        p.requires_grad_(cfg.train_llm)
+    groups = [{"params": [p for p in s.predictor_parameters().values() if p.requires_grad], "lr": cfg.lr}]
+    if cfg.train_llm:
+        groups.append({"params": llm, "lr": cfg.llm_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def static_scores(program: torch.export.ExportedProgram, examples: list[Example]) -> list[torch.Tensor]:
+    """GRIFFIN's channel scores averaged over ``examples`` (calibration text): their top-k
+    is the static mask, the baseline a trained predictor has to beat."""
+    from ..predictors import PromptActivationPredictor
+
+    with torch.no_grad():
+        probe = PromptActivationPredictor(program, keep=1.0)
+        totals = None
+        for ex in examples:
+            sc = probe.channel_scores(torch.tensor([ex.input_ids]))
+            totals = sc if totals is None else [a + b for a, b in zip(totals, sc)]
+    return [t / len(examples) for t in totals]
+
+
+def _static_init(s: Setup, examples: list[Example]) -> None:
+    """Start the head at the static mask of the first training examples."""
+    n = min(s.config.predictor.init_examples, len(examples))
+    with status(f"static initialisation from {n} training examples"):
+        s.predictor.init_from_scores(static_scores(s.program, examples[:n]), scale=s.config.predictor.init_scale)
+
+
+@dataclass
+class Result:
+    losses: list[float]
+    steps: int
+    checkpoint: Path
+    tokens_per_second: float
+
+
+def _progress(total: int, start: int, world: World):
+    if quiet() or not world.main:
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", file=sys.stderr, unit="step")
+
+
+def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None = None) -> Result:
+    """Train per ``cfg`` (resuming from ``cfg.out/checkpoint`` when it exists).
+
+    ``stop_after`` ends the run early after that many steps *in total* (as if killed
+    right after a checkpoint): the resume tests use it.
+    """
+    world = init_world()
+    if cfg.batch_size % world.size:
+        raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world.size})")
+    s = setup_ or setup(cfg)
+    examples = load_examples(cfg.data, cfg.stage, s.tokenizer, cfg.chunk_tokens, cfg.max_tokens)
+    check_vocabulary(examples, s.predictor, s.model, cfg.data)
+    out = Path(cfg.out)
+    ck = out / CHECKPOINT
+    resuming = cfg.resume and (ck / "state.json").is_file()
+    if cfg.predictor.init == "static" and not resuming:
+        _static_init(s, examples)
+    optimizer = _optimizer(s)
+    step, losses = 0, []
+    if resuming:
+        state = ckpt.read_state(ck)
+        ckpt.load_into(s.predictor_parameters(), ck / "predictor.safetensors", "predictor")
+        if cfg.train_llm:
+            ckpt.load_into(s.llm_parameters(), ck / "llm.safetensors", "model")
+        ckpt.load_optimizer(ck, optimizer, state)
+        step, losses = int(state["step"]), list(state["losses"])
+    module: nn.Module = s.loss
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(s.loss.to(world.device))
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    bar = _progress(cfg.steps, step, world)
+    tokens, t0 = 0, time.perf_counter()
+    while step < end:
+        batch = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+        local = [examples[i] for i in batch[world.rank::world.size]]
+        optimizer.zero_grad(set_to_none=True)
+        loss = module(local)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        value = _mean_across(loss, world)
+        if not math.isfinite(value):
+            raise TrainError(f"step {step}: the loss is {value}; lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})")
+        losses.append(value)
+        tokens += sum(len(ex.input_ids) for ex in local) * world.size
+        if bar is not None:
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < end:
+            _save(s, optimizer, step, losses, ck, world)
+    if bar is not None:
+        bar.close()
+    _save(s, optimizer, step, losses, ck, world)
+    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+    return Result(losses, step, ck, rate)
+
+
+def _save(s: Setup, optimizer, step: int, losses: list[float], ck: Path, world: World) -> None:
+    if world.main:
+        cfg = s.config
+        state = {"step": step, "losses": losses, "config": cfg.to_json(), "predictor": s.predictor.config()}
+        ckpt.save_checkpoint(ck, predictor_params=s.predictor_parameters(),
+                             llm_params=s.llm_parameters() if cfg.train_llm else None,
+                             optimizer=optimizer, state=state)
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def load_trained(checkpoint, setup_: Setup) -> IFPredictor:
+    """Load a checkpoint's predictor (and LLM weights, if trained) into a fresh setup."""
+    ck = Path(checkpoint)
+    state = ckpt.read_state(ck)
+    ckpt.load_into(setup_.predictor_parameters(), ck / "predictor.safetensors", "predictor")
+    if (ck / "llm.safetensors").is_file():
+        ckpt.load_into(setup_.llm_parameters(), ck / "llm.safetensors", "model")
+    if state.get("predictor", {}).get("counts") not in (None, setup_.predictor.counts):
+        raise TrainError(f"checkpoint {ck} keeps {state['predictor']['counts']} channels per block, "
+                         f"this predictor keeps {setup_.predictor.counts}")
+    return setup_.predictor
+
+
+@torch.no_grad()
+def evaluate(lm: nn.Module, examples: list[Example], masks_for) -> float:
+    """Mean example loss of the masked program ``lm`` with ``masks_for(example)`` masks."""
+    total = 0.0
+    for ex in examples:
+        logits = lm(torch.tensor([ex.input_ids]), masks_for(ex))
+        total += float(example_loss(logits, ex))
+    return total / len(examples)
