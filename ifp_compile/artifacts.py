@@ -62,6 +62,19 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an old version is removed after the swap."""
+    import shutil
+
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

@@ -39,6 +39,7 @@ from .artifacts import (
     dump_json,
     file_hashes,
     link_or_copy,
+    replace_dir,
     sha256_file,
     verify_artifact,
     write_base,
@@ -324,19 +325,8 @@ def _ensure_base(out: Path, source: Source, base_hash: str) -> dict:
     data = {"base_model_sha256": base_hash, "model": str(source.model), "tensors": table,
             "files": file_hashes(tmp, ["model.onnx", "weights.bin"]), "tool_version": __version__}
     atomic_write(tmp / "manifest.json", dump_json(data))
-    _replace_dir(tmp, base)
+    replace_dir(tmp, base)
     return data
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an old version is removed after the swap."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _onnx_task(base_dir: str, base_table: dict, base_sha256: str, masks, tmp: str) -> dict:
@@ -482,7 +472,7 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
         info = infos.get(owner, {})
         _write_manifest(tmp, t, keys[t.name], digests[t.name], masks[t.name], info, base)
     for t in todo:
-        _replace_dir(tmps[t.name], out / "tasks" / t.name)
+        replace_dir(tmps[t.name], out / "tasks" / t.name)
         report.built.append(t.name)
 
 

@@ -126,3 +126,40 @@ def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
     assert len(find_onnx_ffn_blocks(ir.load(str(tmp_path / "out" / "base" / "model.onnx")))) == 30
     assert np.array_equal(np.fromfile(tmp_path / "out" / "tasks" / "math" / "ffn.bin", dtype=np.uint8),
                           np.fromfile(tmp_path / "out" / "tasks" / "math2" / "ffn.bin", dtype=np.uint8))
+
+
+def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
+    """The trained-predictor path on the real model: encoder = its first 4 layers (shared,
+    not copied), soft masks folded into W_down, one training step moves only the head."""
+    from ifp_compile.predictors import IFPredictor, LMEncoder
+    from ifp_compile.train import Example, MaskedLMLoss
+
+    model, tok, ep, ids = smollm2
+    widths = [b.width for b in ifp.find_ffn_blocks(ep)]
+    torch.manual_seed(0)
+    pred = IFPredictor(LMEncoder(model, num_layers=4), widths, keep=0.5)
+    prog = ifp.insert_masks(ep, predictor=pred)
+    head = sum(p.numel() for p in pred.head.parameters())
+    assert ifp.count_parameters(prog) == 134_515_008 + head  # 576*128+128 + 128*46080+46080
+    text = "Solve this math word problem step by step."
+    small = ifp.specialize(prog, text, tokenizer=tok)
+    instr = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        masks = pred(instr)
+        ref = ifp.insert_masks(ep).module()(ids, masks)
+        torch.testing.assert_close(small.module()(ids), ref, rtol=1e-4, atol=5e-4)
+    assert [int((m != 0).sum()) for m in masks] == [768] * 30
+    assert ifp.count_parameters(small) == 134_515_008 - 30 * 768 * 3 * 576
+    # a frozen-LLM training step through the masked program changes the head only
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        loss_fn = MaskedLMLoss(pred, ifp.insert_masks(ep).module())
+        seq = tuple(ids[0].tolist())
+        ex = Example(tuple(instr[0].tolist()), seq, (False,) + (True,) * (len(seq) - 1))
+        loss_fn([ex]).backward()
+        assert pred.head[2].weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)

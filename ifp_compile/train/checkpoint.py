@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import atomic_write, dump_json
+from ..artifacts import atomic_write, dump_json, replace_dir
 from .config import TrainError
 
 
@@ -80,13 +80,7 @@ def save_checkpoint(directory: Path, *, predictor_params: dict[str, torch.Tensor
     opt_tensors, opt_rest = optimizer_tensors(optimizer)
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     atomic_write(tmp / "state.json", dump_json({**state, "optimizer": opt_rest}))
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, directory)
 
 
 def load_into(params: dict[str, torch.Tensor], path: Path, what: str) -> None:

@@ -198,7 +198,8 @@ def init_world() -> World:
     if torch.cuda.is_available():  # pragma: no cover - no GPU on the CI machines
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl")
         return World(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local))
     if not dist.is_initialized():
         dist.init_process_group("gloo")
