@@ -116,9 +116,10 @@ class IFPredictor(MaskPredictor):
         """Refuse ids the encoder's vocabulary does not have (a tokenizer mismatch)."""
         if self.vocab_size is None or input_ids.numel() == 0:
             return
-        top = int(input_ids.max())
-        if top >= self.vocab_size or int(input_ids.min()) < 0:
-            raise IFPError(f"instruction token id {top} is outside the predictor encoder's vocabulary "
+        top, low = int(input_ids.max()), int(input_ids.min())
+        if top >= self.vocab_size or low < 0:
+            bad = top if top >= self.vocab_size else low
+            raise IFPError(f"instruction token id {bad} is outside the predictor encoder's vocabulary "
                            f"(size {self.vocab_size}): was the instruction tokenized with another tokenizer?")
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,8 +129,9 @@ class IFPredictor(MaskPredictor):
         hidden = self.encoder(input_ids, attention_mask)
         if attention_mask is None:
             last = hidden[:, -1]
-        else:  # right padding: the last real token is at length - 1
-            pos = attention_mask.long().sum(1).clamp_min(1) - 1
+        else:  # the last real token, with left or right padding
+            steps = torch.arange(1, attention_mask.shape[1] + 1, device=hidden.device)
+            pos = (attention_mask.long() * steps).argmax(1)
             last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         return self.head(last)
 

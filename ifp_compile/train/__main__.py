@@ -10,7 +10,9 @@ from ..errors import IFPError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config (JSON; see docs/training.md)")
-    p.add_argument("--steps", type=int, default=None, help="override the config's number of steps")
+    from ..cli import _positive_int
+
+    p.add_argument("--steps", type=_positive_int, default=None, help="override the config's number of steps")
 
 
 def train_main(args: argparse.Namespace) -> int:

@@ -8,8 +8,9 @@
     CKPT/state.json              step, the loss log so far, optimizer hyper-parameters,
                                  the training config and the predictor's shape
 
-A checkpoint directory is written under a temporary name and renamed into place, so a
-killed run leaves the previous checkpoint intact. Loading checks every tensor's name
+A checkpoint directory is written under a temporary name and renamed into place; the
+next run puts back a previous checkpoint that a kill left moved aside (``recover``), so
+a killed run never loses its last complete checkpoint. Loading checks every tensor's name
 and shape and names each mismatch (a checkpoint of another model fails clearly).
 """
 
@@ -108,9 +109,34 @@ def read_state(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainError(f"{directory} is not an ifp-compile training checkpoint (no state.json)")
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except ValueError as e:
         raise TrainError(f"{path}: malformed ({e})") from None
+    missing = [k for k in ("step", "losses", "config", "optimizer") if k not in state]
+    if missing:
+        raise TrainError(f"{path}: malformed (missing {', '.join(missing)})")
+    return state
+
+
+def recover(directory: Path) -> None:
+    """Undo what a run killed while saving left behind.
+
+    ``replace_dir`` moves the old checkpoint aside before renaming the new one into
+    place; a kill between the two leaves only the aside copy, which is put back here.
+    Half-written temporary directories are removed.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    for tmp in parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    aside = sorted(parent.glob(f".old-{directory.name}-*"))
+    if aside and not directory.exists():
+        os.replace(aside[-1], directory)
+        aside = aside[:-1]
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -83,8 +83,10 @@ def _check(cfg: TrainConfig, where: str) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or v <= 0:
             raise bad(name, f"must be > 0, got {v!r}")
-    if cfg.save_every < 0:
-        raise bad("save_every", f"must be >= 0 (0 = only at the end), got {cfg.save_every}")
+    if not isinstance(cfg.save_every, int) or isinstance(cfg.save_every, bool) or cfg.save_every < 0:
+        raise bad("save_every", f"must be an int >= 0 (0 = only at the end), got {cfg.save_every!r}")
+    if not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay < 0:
+        raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay!r}")
     if cfg.tokenizer not in (None, "bytes"):
         raise bad("tokenizer", f"must be null (the model's) or \"bytes\", got {cfg.tokenizer!r}")
     p = cfg.predictor
@@ -92,6 +94,14 @@ def _check(cfg: TrainConfig, where: str) -> None:
         raise bad("predictor.init", f"must be \"random\" or \"static\", got {p.init!r}")
     if p.encoder_model is None and (not isinstance(p.encoder_layers, int) or p.encoder_layers < 1):
         raise bad("predictor.encoder_layers", f"must be a positive int, got {p.encoder_layers!r}")
+    for name in ("mlp_hidden", "iterations", "init_examples"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(f"predictor.{name}", f"must be a positive int, got {v!r}")
+    for name in ("temperature", "init_scale"):
+        v = getattr(p, name)
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise bad(f"predictor.{name}", f"must be > 0, got {v!r}")
 
 
 def config_from_dict(raw: dict[str, Any], *, where: str = "config", base_dir: Path | None = None) -> TrainConfig:

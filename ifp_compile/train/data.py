@@ -30,10 +30,6 @@ class Example:
     #: loss_mask[i] says whether input_ids[i] is a target (predicted from input_ids[:i])
     loss_mask: tuple[bool, ...]
 
-    @property
-    def loss_tokens(self) -> int:
-        return sum(self.loss_mask)
-
 
 class ByteTokenizer:
     """UTF-8 bytes modulo ``vocab_size``: a tokenizer for tiny random test models."""
@@ -98,8 +94,12 @@ def _messages(record: dict, where: str) -> list[dict]:
                 {"role": "assistant", "content": record["response"]}]
     else:
         raise TrainError(f"{where}: stage 2 needs \"messages\" or \"instruction\" and \"response\"")
-    if not any(m["role"] == "user" for m in msgs):
-        raise TrainError(f"{where}: the conversation has no user message to predict the mask from")
+    first = next((m for m in msgs if m["role"] != "system"), None)
+    if first is None or first["role"] != "user":
+        raise TrainError(f"{where}: the conversation must start with a user message (after any system message): "
+                         "the mask is predicted from it")
+    if not first["content"].strip():
+        raise TrainError(f"{where}: the first user message is empty: there is nothing to predict the mask from")
     if not any(m["role"] == "assistant" for m in msgs):
         raise TrainError(f"{where}: the conversation has no assistant message to train on")
     return msgs
@@ -110,45 +110,65 @@ def stage1_examples(text_ids: list[int], chunk: int, max_tokens: int) -> list[Ex
     chunks = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
     out = []
     for a, b in zip(chunks, chunks[1:]):
-        if len(b) < 1:
-            continue
         out.append(Example(tuple(a), tuple(a + b), tuple([False] * len(a) + [True] * len(b))))
     return out
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> list[int]:
+    try:
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-        if not isinstance(ids, (list, tuple)):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    if add_generation_prompt:
-        text += "assistant: "
-    return encode(tokenizer, text)
+    except Exception as e:  # jinja errors, "roles must alternate", empty conversations...
+        raise TrainError(f"{where}: the tokenizer's chat template rejects this conversation: {e}") from None
+    if not isinstance(ids, (list, tuple)):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
 
 
-def stage2_example(tokenizer, messages: list[dict], max_tokens: int) -> Example | None:
-    """Loss on the assistant turns: the tokens each adds after the prompt before it."""
-    first_user = next(m["content"] for m in messages if m["role"] == "user")
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _templated(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[bool]]:
+    """Render turn by turn; a turn's new tokens after its generation prompt are targets."""
     ids: list[int] = []
     mask: list[bool] = []
     for i, m in enumerate(messages):
-        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        full = _template_ids(tokenizer, messages[: i + 1], False, where)
         if full[: len(ids)] != ids:
-            raise TrainError("the chat template renders a conversation prefix differently from the whole "
-                             "conversation, so the assistant tokens cannot be located")
-        if m["role"] == "assistant":
-            prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-            if full[: len(prompt)] != prompt:  # no separable generation prompt: all new tokens count
-                prompt = ids
-            new = full[len(ids):]
-            n_prompt = max(0, len(prompt) - len(ids))
-            mask += [False] * n_prompt + [True] * (len(new) - n_prompt)
-        else:
-            new = full[len(ids):]
-            mask += [False] * len(new)
+            raise TrainError(f"{where}: the chat template renders the first {i} messages differently inside the "
+                             "whole conversation, so the assistant tokens cannot be located")
+        n_prompt = len(ids)
+        if m["role"] == "assistant":  # the header the model sees before it answers is not a target
+            n_prompt = max(n_prompt, _common_prefix(_template_ids(tokenizer, messages[:i], True, where), full))
+        mask += [False] * (n_prompt - len(ids)) + [m["role"] == "assistant"] * (len(full) - n_prompt)
         ids = full
+    return ids, mask
+
+
+def _plain(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """``role: content`` lines, each piece tokenized on its own so the label never merges
+    into the reply's first token (and so is never a target)."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in messages:
+        label, body = encode(tokenizer, f"{m['role']}:"), encode(tokenizer, f" {m['content']}\n")
+        ids += label + body
+        mask += [False] * len(label) + [m["role"] == "assistant"] * len(body)
+    return ids, mask
+
+
+def stage2_example(tokenizer, messages: list[dict], max_tokens: int, where: str = "conversation") -> Example | None:
+    """Loss on the assistant turns only; the predictor reads the first user message."""
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    if getattr(tokenizer, "chat_template", None):
+        ids, mask = _templated(tokenizer, messages, where)
+    else:
+        ids, mask = _plain(tokenizer, messages)
     ids, mask = ids[:max_tokens], mask[:max_tokens]
     if not any(mask[1:]):
         return None
@@ -163,7 +183,7 @@ def load_examples(path, stage: int, tokenizer, chunk_tokens: int, max_tokens: in
         if stage == 1:
             out += stage1_examples(encode(tokenizer, _text(record, where)), chunk_tokens, max_tokens)
         else:
-            ex = stage2_example(tokenizer, _messages(record, where), max_tokens)
+            ex = stage2_example(tokenizer, _messages(record, where), max_tokens, where)
             if ex is not None:
                 out.append(ex)
     if not out:

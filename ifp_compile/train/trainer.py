@@ -15,6 +15,7 @@ DDP averages the ranks, and the result is the single-process global-batch mean.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -67,9 +68,17 @@ def make_predictor(model: nn.Module, widths: list[int], cfg: TrainConfig) -> IFP
     p = cfg.predictor
     if p.encoder_model is not None:
         encoder_lm, _ = load_model(p.encoder_model)
+        # one tokenizer feeds both the encoder and the LLM (as in specialize(program, text))
+        if int(encoder_lm.config.vocab_size) != int(model.config.vocab_size):
+            raise TrainError(f"predictor.encoder_model {p.encoder_model} has a vocabulary of "
+                             f"{encoder_lm.config.vocab_size} tokens, the model {model.config.vocab_size}: "
+                             "the encoder must use the model's tokenizer")
         encoder = LMEncoder(encoder_lm)
     else:
-        encoder = LMEncoder(model, num_layers=p.encoder_layers)
+        try:
+            encoder = LMEncoder(model, num_layers=p.encoder_layers)
+        except IFPError as e:
+            raise TrainError(f"predictor.encoder_layers: {e}") from None
     try:
         counts = keep_counts(widths, cfg.keep)
     except IFPError as e:
@@ -128,6 +137,10 @@ class Setup:
         shared = {id(p) for p in self.model.parameters()}
         return {n: p for n, p in self.predictor.named_parameters() if id(p) not in shared}
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained from scratch at ``lr``; a separate pretrained encoder gets ``llm_lr``."""
+        return list(self.predictor.head.parameters())
+
 
 def setup(cfg: TrainConfig) -> Setup:
     from ..capture import export
@@ -163,6 +176,12 @@ def check_vocabulary(examples: list[Example], predictor: IFPredictor, model: nn.
 # --------------------------------------------------------------------------------------
 # data order and distribution
 # --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
 def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     """The global batch of a step: a seeded permutation per epoch, walked in order.
 
@@ -172,8 +191,7 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     out = []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, offset = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[offset]))
+        out.append(_epoch_order(n, seed, epoch)[offset])
     return out
 
 
@@ -224,7 +242,12 @@ def _optimizer(s: Setup) -> torch.optim.Optimizer:
     llm = list(s.llm_parameters().values())
     for p in llm:
         p.requires_grad_(cfg.train_llm)
-    groups = [{"params": [p for p in s.predictor_parameters().values() if p.requires_grad], "lr": cfg.lr}]
+    head = {id(p) for p in s.head_parameters()}
+    own = [p for p in s.predictor_parameters().values() if p.requires_grad]
+    groups = [{"params": [p for p in own if id(p) in head], "lr": cfg.lr}]
+    encoder = [p for p in own if id(p) not in head]  # a separate pretrained encoder model
+    if encoder:
+        groups.append({"params": encoder, "lr": cfg.llm_lr})
     if cfg.train_llm:
         groups.append({"params": llm, "lr": cfg.llm_lr})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -281,15 +304,22 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
     s = setup_ or setup(cfg)
     examples = load_examples(cfg.data, cfg.stage, s.tokenizer, cfg.chunk_tokens, cfg.max_tokens)
     check_vocabulary(examples, s.predictor, s.model, cfg.data)
-    out = Path(cfg.out)
-    ck = out / CHECKPOINT
+    ck = Path(cfg.out) / CHECKPOINT
+    if world.main:
+        ckpt.recover(ck)
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     resuming = cfg.resume and (ck / "state.json").is_file()
     if cfg.predictor.init == "static" and not resuming:
         _static_init(s, examples)
+    s.loss.to(world.device)  # before the optimizer, so its state lives beside the parameters
     optimizer = _optimizer(s)
     step, losses = 0, []
     if resuming:
         state = ckpt.read_state(ck)
+        _check_same_run(state, cfg, ck)
         ckpt.load_into(s.predictor_parameters(), ck / "predictor.safetensors", "predictor")
         if cfg.train_llm:
             ckpt.load_into(s.llm_parameters(), ck / "llm.safetensors", "model")
@@ -299,7 +329,8 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        module = DistributedDataParallel(s.loss.to(world.device))
+        on_gpu = world.device.type == "cuda"
+        module = DistributedDataParallel(s.loss, device_ids=[world.device.index] if on_gpu else None)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     bar = _progress(cfg.steps, step, world)
@@ -310,12 +341,12 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
         optimizer.zero_grad(set_to_none=True)
         loss = module(local)
         loss.backward()
+        value = _mean_across(loss, world)
+        if not math.isfinite(value):  # before the update: the last checkpoint stays good
+            raise TrainError(f"step {step + 1}: the loss is {value}; lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})")
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         step += 1
-        value = _mean_across(loss, world)
-        if not math.isfinite(value):
-            raise TrainError(f"step {step}: the loss is {value}; lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})")
         losses.append(value)
         tokens += sum(len(ex.input_ids) for ex in local) * world.size
         if bar is not None:
@@ -329,6 +360,20 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
     _save(s, optimizer, step, losses, ck, world)
     rate = tokens / max(time.perf_counter() - t0, 1e-9)
     return Result(losses, step, ck, rate)
+
+
+#: config keys a resumed run may change (they do not alter the trajectory so far)
+RESUMABLE = {"steps", "save_every", "out", "resume"}
+
+
+def _check_same_run(state: dict, cfg: TrainConfig, ck: Path) -> None:
+    """Resume only the run that wrote the checkpoint: anything else would not be exact."""
+    saved, now = state.get("config", {}), cfg.to_json()
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE and saved.get(k) != now.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
+        raise TrainError(f"checkpoint {ck} was written by a run with another config ({detail}); "
+                         "set \"resume\": false or use another \"out\" to start a new run")
 
 
 def _save(s: Setup, optimizer, step: int, losses: list[float], ck: Path, world: World) -> None:

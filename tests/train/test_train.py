@@ -58,7 +58,7 @@ def test_stage2_loss_covers_assistant_tokens_only():
     text = "user: hi\nassistant: yo\nuser: ok?\nassistant: sure\n"
     assert ex.input_ids == tuple(tok.encode(text)) and ex.predictor_ids == tuple(tok.encode("hi"))
     targets = "".join(c for c, m in zip(text, ex.loss_mask) if m)
-    assert targets == "yo\nsure\n"  # the reply and its end-of-turn, never a prompt token
+    assert targets == " yo\n sure\n"  # the replies and their line ends, never a role label
 
 
 def test_stage2_with_a_chat_template():
@@ -139,6 +139,15 @@ def test_bad_input_is_named(tiny_model_dir, data_dir, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     assert f"{bad}:1: the conversation has no assistant message" in _error(
         tmp_path, {**base, "data": str(bad), "stage": 2})
+    bad.write_text('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n')
+    assert f"{bad}:1: the conversation must start with a user message" in _error(
+        tmp_path, {**base, "data": str(bad), "stage": 2})
+    bad.write_text('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}\n')
+    assert f"{bad}:1: the first user message is empty" in _error(tmp_path, {**base, "data": str(bad), "stage": 2})
+    assert "predictor.mlp_hidden must be a positive int, got 0" in _error(
+        tmp_path, {**base, "predictor": {"mlp_hidden": 0}})
+    assert "predictor.encoder_layers: LMEncoder: num_layers must be in [1, 2], got 5" in _error(
+        tmp_path, {**base, "predictor": {"encoder_layers": 5}})
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert f"data file {empty} is empty" in _error(tmp_path, {**base, "data": str(empty)})
@@ -186,3 +195,31 @@ def test_cli_train(tiny_model_dir, data_dir, tmp_path, capsys):
     assert cli_main(["train", "--config", str(tmp_path / "c.json")]) == 0  # relative paths: next to the config
     assert "trained 2 steps" in capsys.readouterr().out
     assert (tmp_path / "out" / "checkpoint" / "state.json").is_file()
+
+
+def test_resume_refuses_another_config_and_recovers_a_checkpoint_moved_aside(tiny_model_dir, data_dir, tmp_path):
+    kw = dict(steps=2, save_every=1)
+    run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "o", **kw))
+    with pytest.raises(TrainError, match="another config \\(lr: checkpoint 0.01, config 0.02\\)"):
+        run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "o", lr=0.02, steps=3))
+    # a run killed between the two renames of a checkpoint save left it moved aside
+    ck = tmp_path / "o" / "checkpoint"
+    ck.rename(tmp_path / "o" / ".old-checkpoint-12345")
+    (tmp_path / "o" / ".checkpoint.tmp-12345").mkdir()  # and a half-written new one
+    result = run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "o", steps=3, save_every=1))
+    assert len(result.losses) == 3 and result.steps == 3  # resumed from step 2, not from 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["checkpoint"]
+
+
+def test_chat_template_that_rejects_a_conversation_is_named(tmp_path):
+    from ifp_compile.train.data import _template_ids
+
+    class Strict:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kw):
+            raise ValueError("Conversation roles must alternate user/assistant")
+
+    with pytest.raises(TrainError, match="data.jsonl:4: the tokenizer's chat template rejects this conversation: "
+                                         "Conversation roles must alternate"):
+        _template_ids(Strict(), [{"role": "user", "content": "a"}], False, "data.jsonl:4")
