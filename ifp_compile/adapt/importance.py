@@ -20,14 +20,15 @@ from ..passes.layer_probe import layer_probe
 def layer_cosines(ep: ExportedProgram, calibration: Iterable[torch.Tensor], *, eps: float = 1e-8) -> list[float]:
     """Mean over calibration tokens of cos(layer input, layer output), one per decoder layer.
 
-    ``calibration`` yields model inputs (token ids ``[1, T]`` for a language model).
+    ``calibration`` yields model inputs: token ids ``[1, T]`` for a language model, or a
+    tuple of the program's inputs (``(ids, masks)`` for a masked program).
     """
     probe, bounds = layer_probe(ep)
     sums = torch.zeros(len(bounds), dtype=torch.float64)
     tokens = 0
     with torch.no_grad():
         for ids in calibration:
-            outs = probe(ids)
+            outs = probe(*ids) if isinstance(ids, tuple) else probe(ids)
             for i in range(len(bounds)):
                 x, y = outs[2 * i].flatten(0, -2).double(), outs[2 * i + 1].flatten(0, -2).double()
                 cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)
