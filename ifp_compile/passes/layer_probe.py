@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
-from torch.utils import _pytree as pytree
 
 from ..errors import ProgramError
 from .discover_ffn import IDENTITY_OPS, VIEW_OPS, find_ffn_blocks
-from .program_edit import eliminate_dead_code
+from .program_edit import probe_module
 
 aten = torch.ops.aten
 ADD_OPS = {aten.add.Tensor}
@@ -101,14 +100,5 @@ def find_layer_boundaries(ep: ExportedProgram) -> list[LayerBoundary]:
 def layer_probe(ep: ExportedProgram) -> tuple[torch.fx.GraphModule, list[LayerBoundary]]:
     """``ep.module()`` rewired to return ``[in_0, out_0, in_1, out_1, ...]``."""
     bounds = find_layer_boundaries(ep)
-    gm = ep.module(check_guards=False)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    outs = [nodes[name] for b in bounds for name in (b.input_node, b.output_node)]
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    out.args = (list(outs),)
-    codegen = gm.graph._codegen
-    codegen.pytree_info = codegen.pytree_info._replace(out_spec=pytree.tree_structure([0] * len(outs)))
-    eliminate_dead_code(gm.graph)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    gm = probe_module(ep, [name for b in bounds for name in (b.input_node, b.output_node)])
     return gm, bounds

@@ -281,3 +281,24 @@ def check_placeholder_meta(ep: ExportedProgram) -> None:
 
 def node_by_name(graph: torch.fx.Graph) -> dict[str, Node]:
     return {n.name: n for n in graph.nodes}
+
+
+def probe_module(ep, node_names: list[str]):
+    """``ep.module()`` rewired to return the named nodes' values, as a list, and nothing else.
+
+    The instrumentation both probes use (FFN activations, layer boundaries): no hooks,
+    no module names, and the unneeded tail of the graph (e.g. the LM head) is removed.
+    """
+    from torch.utils import _pytree as pytree
+
+    gm = ep.module(check_guards=False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    outs = [nodes[name] for name in node_names]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (outs,)
+    codegen = gm.graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(out_spec=pytree.tree_structure([0] * len(outs)))
+    eliminate_dead_code(gm.graph)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

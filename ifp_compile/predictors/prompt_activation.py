@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.export import ExportedProgram
-from torch.utils import _pytree as pytree
 
 from ..capture import export, is_hf_causal_lm
 from ..errors import ProgramError
 from ..passes.discover_ffn import find_ffn_blocks
-from ..passes.program_edit import eliminate_dead_code
+from ..passes.program_edit import probe_module
 from .base import MaskPredictor, keep_counts
 
 
@@ -35,18 +34,7 @@ def _has_dynamic_seq(ep: ExportedProgram) -> bool:
 def activation_probe(ep: ExportedProgram) -> tuple[torch.fx.GraphModule, list[int]]:
     """``ep.module()`` rewired to return every FFN block's intermediate activation."""
     blocks = find_ffn_blocks(ep)
-    gm = ep.module(check_guards=False)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    hidden = [nodes[b.hidden_node] for b in blocks]
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    out.args = (list(hidden),)
-    codegen = gm.graph._codegen
-    codegen.pytree_info = codegen.pytree_info._replace(
-        out_spec=pytree.tree_structure([0] * len(hidden))
-    )
-    eliminate_dead_code(gm.graph)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    gm = probe_module(ep, [b.hidden_node for b in blocks])
     return gm, [b.width for b in blocks]
 
 
