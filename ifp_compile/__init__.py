@@ -9,15 +9,19 @@
     small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
 """
 
-from .blocks import FFNBlock, ParamSlice
+from .blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
 from .capture import CausalLMLogits, export
 from .errors import IFPError, InstructionError, MaskError, NoFFNFoundError, ProgramError
-from .passes import find_ffn_blocks, insert_masks, predict_masks, specialize
+from .passes import attention_report, find_attention_blocks, find_ffn_blocks, insert_masks, predict_masks, specialize
 from .stats import count_parameters, kept_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionBlock",
+    "HeadSlice",
+    "attention_report",
+    "find_attention_blocks",
     "CausalLMLogits",
     "FFNBlock",
     "IFPError",

@@ -13,6 +13,7 @@ aten = torch.ops.aten
 
 #: user inputs that carry masks (insert_masks) or the instruction (predictor branch).
 MASK_INPUT_PREFIX = "ffn_masks"
+HEAD_MASK_PREFIX = "head_masks"
 INSTRUCTION_INPUT = "instruction_ids"
 
 #: ops that only assert something about a tensor; they have no users but must not
@@ -52,11 +53,11 @@ def user_input_nodes(ep: ExportedProgram) -> list[Node]:
 
 
 def mask_roots(ep: ExportedProgram) -> list[Node]:
-    """User inputs that feed masks: ``ffn_masks*`` and ``instruction_ids``."""
+    """User inputs that feed masks: ``ffn_masks*``, ``head_masks*`` and ``instruction_ids``."""
     return [
         n
         for n in user_input_nodes(ep)
-        if n.name.startswith(MASK_INPUT_PREFIX) or n.name == INSTRUCTION_INPUT
+        if n.name.startswith((MASK_INPUT_PREFIX, HEAD_MASK_PREFIX)) or n.name == INSTRUCTION_INPUT
     ]
 
 

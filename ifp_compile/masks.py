@@ -10,22 +10,27 @@ from collections.abc import Sequence
 
 import torch
 
-from .blocks import FFNBlock
+from .blocks import AttentionBlock, FFNBlock
 from .errors import InstructionError, MaskError
 
 
-def validate_masks(masks, blocks: Sequence[FFNBlock]) -> list[torch.Tensor]:
-    """Check ``masks`` against ``blocks`` and return them as 1-D float32 tensors."""
+def validate_masks(masks, blocks: Sequence[FFNBlock | AttentionBlock], *, what: str = "FFN block",
+                   argument: str = "mask") -> list[torch.Tensor]:
+    """Check ``masks`` against ``blocks`` and return them as 1-D float32 tensors.
+
+    ``what`` names the blocks in messages ("FFN block", "attention block"); an attention
+    block's mask has one value per key/value head.
+    """
     if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)):
         raise MaskError(
-            f"mask must be a list with one 1-D tensor per FFN block ({len(blocks)} blocks), "
+            f"{argument} must be a list with one 1-D tensor per {what} ({len(blocks)} blocks), "
             f"got {type(masks).__name__}"
         )
     if len(masks) != len(blocks):
-        raise MaskError(f"got {len(masks)} masks for {len(blocks)} FFN blocks")
+        raise MaskError(f"got {len(masks)} masks for {len(blocks)} {what}s" + ("" if argument == "mask" else f" ({argument})"))
     out = []
     for b, m in zip(blocks, masks):
-        where = f"mask for FFN block {b.index} ({b.name})"
+        where = f"{argument} for {what} {b.index} ({b.name})"
         if not isinstance(m, torch.Tensor):
             raise MaskError(f"{where} must be a torch.Tensor, got {type(m).__name__}")
         if m.dim() != 1 or m.shape[0] != b.width:

@@ -26,10 +26,20 @@ def export_onnx(program, *, name: str = "program"):
     ``program`` is an ExportedProgram (plain, masked or specialised); its dynamic
     dimensions stay dynamic in the ONNX graph.
     """
+    import logging
+
     import torch
 
-    with status(f"exporting {name} to ONNX"):
-        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    # torch's ONNX registry logs one warning per torchvision op it cannot register on every
+    # export ("torchvision is not installed"); it is noise for language models
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with status(f"exporting {name} to ONNX"):
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    finally:
+        registry_log.setLevel(level)
     return onnx_program.model_proto
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.export import ExportedProgram
 
-from .blocks import FFNBlock
+from .blocks import AttentionBlock, FFNBlock
 
 
 def count_parameters(ep: ExportedProgram) -> int:
@@ -25,11 +25,13 @@ def count_parameters(ep: ExportedProgram) -> int:
     return total
 
 
-def kept_parameters(ep: ExportedProgram, blocks: Sequence[FFNBlock], masks: Sequence[torch.Tensor]) -> int:
+def kept_parameters(ep: ExportedProgram, blocks: Sequence[FFNBlock | AttentionBlock],
+                    masks: Sequence[torch.Tensor]) -> int:
     """Parameter count of ``specialize(ep, mask=masks)`` computed from the masks alone.
 
     Each dropped channel removes ``block.params_per_channel()`` scalars; a block whose
-    weights are shared keeps the original and adds a private sliced copy.
+    weights are shared keeps the original and adds a private sliced copy. ``blocks`` may
+    mix FFN and attention blocks (a head mask's "channel" is a key/value head group).
     """
     total = count_parameters(ep)
     for b, m in zip(blocks, masks):

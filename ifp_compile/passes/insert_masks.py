@@ -28,8 +28,9 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
 from ..errors import IFPError, ProgramError
-from ..graph_utils import INSTRUCTION_INPUT, MASK_INPUT_PREFIX, mask_roots, user_input_nodes
+from ..graph_utils import HEAD_MASK_PREFIX, INSTRUCTION_INPUT, MASK_INPUT_PREFIX, mask_roots, user_input_nodes
 from ..progress import status
+from .discover_attention import attention_report, find_attention_blocks
 from .discover_ffn import find_ffn_blocks
 from .program_edit import retarget_tied_placeholders
 
@@ -119,12 +120,18 @@ def _check_predictor(predictor: nn.Module, blocks) -> torch.Tensor:
     return example
 
 
-def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None) -> ExportedProgram:
+def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, heads: bool = False) -> ExportedProgram:
     """The masked reference program of ``ep`` (``ep`` itself is not modified).
 
     Without ``predictor``: inputs are ``ep``'s inputs plus ``ffn_masks`` (list of 1-D
     float tensors). With it: ``ep``'s inputs plus ``instruction_ids`` (``[1, T]`` long,
     dynamic ``T``).
+
+    ``heads=True`` also masks attention heads: one more input ``head_masks``, a list with
+    one 1-D tensor per attention block holding one value per key/value head. The merged
+    attention output is multiplied, right before the o projection, by the mask repeated
+    over the group's query heads and head_dim: ``o(a * repeat(m))``. Query heads are
+    independent through softmax, so a zero removes exactly that group's contribution.
     """
     if not isinstance(ep, ExportedProgram):
         raise ProgramError(f"insert_masks() takes a torch.export.ExportedProgram, got {type(ep).__name__}")
@@ -135,6 +142,13 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None) -> Exp
             + "); insert_masks applies to an unmasked program"
         )
     blocks = find_ffn_blocks(ep)
+    attention = []
+    if heads:
+        if predictor is not None:
+            raise ProgramError("head masks are static-pruning inputs: use heads=True without a predictor")
+        attention = find_attention_blocks(ep)
+        if not attention:
+            raise ProgramError("heads=True, but no attention block was recognised:\n" + attention_report(ep))
     example_args, example_kwargs = _example_inputs(ep)
     example_pred = _check_predictor(predictor, blocks) if predictor is not None else None
 
@@ -155,6 +169,11 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None) -> Exp
                 mask_values.append(prev)
             extra_name, extra_example = MASK_INPUT_PREFIX, [torch.ones(b.width) for b in blocks]
             extra_dynamic = [None] * len(blocks)
+            head_values = []
+            for a in attention:
+                with graph.inserting_after(prev):
+                    prev = graph.placeholder(f"{HEAD_MASK_PREFIX}_{a.index}")
+                head_values.append(prev)
         else:
             instr = graph.placeholder(INSTRUCTION_INPUT)
             _tie_shared_storage(gm, predictor)
@@ -176,16 +195,29 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None) -> Exp
         with graph.inserting_before(down):
             masked = graph.call_function(aten.mul.Tensor, (start, m))
         down.replace_input_with(start, masked)
+    if attention:
+        for a, m in zip(attention, head_values):
+            o, o_in = nodes[a.o_node], nodes[a.o_input]
+            with graph.inserting_before(o):
+                per_feature = graph.call_function(aten.repeat_interleave.self_int, (m, a.heads_per_group * a.head_dim))
+                masked = graph.call_function(aten.mul.Tensor, (o_in, per_feature))
+            o.replace_input_with(o_in, masked)
 
     new_args = tuple(example_args) + (extra_example,)
+    new_names = arg_names + [extra_name]
+    if attention:
+        new_args += ([torch.ones(a.num_kv_heads) for a in attention],)
+        new_names.append(HEAD_MASK_PREFIX)
     graph._codegen.pytree_info = info._replace(
-        orig_args=arg_names + [extra_name],
+        orig_args=new_names,
         in_spec=pytree.tree_structure((new_args, dict(example_kwargs))),
     )
     graph.lint()
     gm.recompile()
     dynamic = _dynamic_shapes(ep, arg_names)
     dynamic[extra_name] = extra_dynamic
+    if attention:
+        dynamic[HEAD_MASK_PREFIX] = [None] * len(attention)
     what = "predictor branch" if predictor is not None else "FFN masks"
     with status(f"re-exporting with {what} for {len(blocks)} FFN blocks"), torch.no_grad():
         masked_ep = torch.export.export(gm, new_args, dict(example_kwargs), dynamic_shapes=dynamic, strict=False)
@@ -197,4 +229,11 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None) -> Exp
             f"internal: the masked program has {len(found)} blocks, "
             f"{sum(b.mask_node is not None for b in found)} with masks, expected {len(blocks)}"
         )
+    if attention:
+        found_attention = find_attention_blocks(masked_ep)
+        if len(found_attention) != len(attention) or any(a.mask_node is None for a in found_attention):
+            raise ProgramError(  # pragma: no cover - would be a bug in this pass
+                f"internal: the masked program has {len(found_attention)} attention blocks, "
+                f"{sum(a.mask_node is not None for a in found_attention)} with head masks, expected {len(attention)}"
+            )
     return masked_ep

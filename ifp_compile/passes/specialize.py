@@ -33,9 +33,10 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..blocks import FFNBlock
+from ..blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
 from ..errors import InstructionError, MaskError, ProgramError
 from ..graph_utils import (
+    HEAD_MASK_PREFIX,
     INSTRUCTION_INPUT,
     backward_closure,
     mask_branch,
@@ -44,6 +45,7 @@ from ..graph_utils import (
     user_input_nodes,
 )
 from ..masks import instruction_ids, validate_masks
+from .discover_attention import attention_report, find_attention_blocks
 from .discover_ffn import VIEW_OPS, find_ffn_blocks
 from .program_edit import copy_graph, eliminate_dead_code, fake_mode_of, node_by_name, rebuild_program
 
@@ -107,6 +109,43 @@ def _kept_index(ps, keep: torch.Tensor) -> torch.Tensor:
     return keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
 
 
+PROJECTION_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)
+_INT_MAX = 2**63 - 1
+
+
+def _region_names(block) -> list[str]:
+    return list(block.region) if isinstance(block, FFNBlock) else [name for name, _ in block.region]
+
+
+def _rewrite_head_literals(n: Node, axis: int, kv: int, k: int) -> None:
+    """Sizes written into the graph on the head axis go from ``kv`` groups to ``k``.
+
+    Every size on that axis is a multiple of the group count (heads, kv heads, their
+    features, a fused q/k/v's parts and boundaries), so each scales by ``k / kv``.
+    """
+
+    def scaled(s):
+        if not isinstance(s, int) or s <= 0 or s >= _INT_MAX:
+            return s
+        if s % kv:
+            raise ProgramError(f"internal: size {s} of {n.name} on the head axis is not a multiple of {kv} groups")
+        return s // kv * k
+
+    t, args = n.target, list(n.args)
+    if t in VIEW_OPS or t is aten.expand.default:
+        shape = list(args[1])
+        if axis < len(shape):
+            shape[axis] = scaled(shape[axis])
+        args[1] = shape
+    elif t is aten.slice.Tensor and len(args) > 1 and args[1] % n.meta["val"].dim() == axis:
+        args[2:4] = [scaled(a) for a in args[2:4]]
+    elif t is aten.split.Tensor and (args[2] if len(args) > 2 else 0) % len(n.args[0].meta["val"].shape) == axis:
+        args[1] = scaled(args[1])
+    elif t is aten.split_with_sizes.default:
+        args[1] = [scaled(a) for a in args[1]]
+    n.args = tuple(args)
+
+
 class _Folder:
     def __init__(self, program: ExportedProgram):
         self.program = program
@@ -152,16 +191,11 @@ class _Folder:
         self.specs[new.name] = self.new_specs[new.name]
         return new
 
-    @torch.no_grad()
-    def fold(self, block: FFNBlock, mask: torch.Tensor) -> None:
-        keep = torch.nonzero(mask).flatten()
-        if keep.numel() == 0:
-            self._remove(block)
-            return
-        scale = mask[keep]
-        soft = not bool((scale == 1).all())
-        region = [self.nodes[r] for r in block.region]
-        owners = set(region) | {self.nodes[block.down_node]}
+    def _slice_params(self, block, keep: torch.Tensor, scale: torch.Tensor | None, scaled_role: str) -> None:
+        """Keep ``keep`` (channels or head groups) in every tensor of ``block``; fold ``scale``
+        into the tensor whose role is ``scaled_role`` (W_down, or W_o for heads)."""
+        owners = {self.nodes[r] for r in _region_names(block)}
+        owners.add(self.nodes[block.down_node if isinstance(block, FFNBlock) else block.o_node])
         for ps in block.params:
             ph = self.nodes[ps.placeholder]
             spec = self.specs[ps.placeholder]
@@ -169,24 +203,65 @@ class _Folder:
             if ps.key in block.shared_params:
                 ph = self._private_placeholder(block, ph, ps.key, owners)
                 spec = self.specs[ph.name]
-            idx = _kept_index(ps, keep)
+            idx = _kept_index(ps, keep) if isinstance(ps, ParamSlice) else ps.index(keep)
             sliced = source.index_select(ps.axis, idx)
-            if ps.role == "down" and soft:
+            if ps.role == scaled_role and scale is not None:
+                if isinstance(ps, HeadSlice):  # one value per group, repeated over its positions
+                    scale = torch.cat([scale.repeat_interleave(size) for _, size in ps.segments])
                 shape = [1] * sliced.dim()
                 shape[ps.axis] = -1
                 sliced.mul_(scale.to(sliced.dtype).view(shape))
             self._set_tensor(spec.target, spec, sliced)
             ph.meta["val"] = self._fake(sliced)
+
+    def _drop_mask_node(self, block) -> None:
+        """``h * m`` -> ``h``: the mask now lives in the weights."""
+        if block.mask_node is None:
+            return
+        mnode = self.nodes.pop(block.mask_node)
+        hidden = self.nodes[block.hidden_node if isinstance(block, FFNBlock) else block.o_input]
+        mnode.replace_all_uses_with(hidden)
+        self.graph.erase_node(mnode)
+
+    @torch.no_grad()
+    def fold(self, block: FFNBlock, mask: torch.Tensor) -> None:
+        keep = torch.nonzero(mask).flatten()
+        if keep.numel() == 0:
+            down = self.nodes[block.down_node]
+            x = self._projection_input(block)
+            bias = None if block.down_bias is None else down.args[0] if down.target is aten.addmm.default else down.args[2]
+            self._zeros_instead(f"FFN block {block.index} ({block.name})", down, x, bias)
+            return
+        scale = mask[keep]
+        self._slice_params(block, keep, None if bool((scale == 1).all()) else scale, "down")
         k, w = keep.numel(), block.width
-        if block.mask_node is not None:
-            mnode = self.nodes[block.mask_node]
-            hidden = self.nodes[block.hidden_node]
-            mnode.replace_all_uses_with(hidden)
-            self.graph.erase_node(mnode)
-            region = [r for r in region if r is not mnode]
-        for n in region:
-            self._rewrite_width_literals(n, w, k)
-            self._resize_meta(n, w, k)
+        self._drop_mask_node(block)
+        for name in block.region:
+            if name in self.nodes:
+                n = self.nodes[name]
+                self._rewrite_width_literals(n, w, k)
+                self._resize_meta(n, w, k)
+
+    @torch.no_grad()
+    def fold_heads(self, block: AttentionBlock, mask: torch.Tensor) -> None:
+        """Keep the key/value heads with ``mask != 0`` (and their query groups)."""
+        keep = torch.nonzero(mask).flatten()
+        o = self.nodes[block.o_node]
+        if keep.numel() == 0:
+            bias = None if block.o_bias is None else o.args[0] if o.target is aten.addmm.default else o.args[2]
+            x = self._projection_input(block)
+            self._zeros_instead(f"attention block {block.index} ({block.name})", o, x, bias)
+            self.branch.update(_region_names(block))  # the attention kernel counts as impure: drop it anyway
+            return
+        scale = mask[keep]
+        self._slice_params(block, keep, None if bool((scale == 1).all()) else scale, "o")
+        self._drop_mask_node(block)
+        k, kv = keep.numel(), block.num_kv_heads
+        region = [(self.nodes[name], axis) for name, axis in block.region if name in self.nodes]
+        if k != kv:
+            for n, axis in region:
+                _rewrite_head_literals(n, axis, kv, k)
+        self._fake_prop([n for n, _ in region if n.op == "call_function"])
 
     def _rewrite_width_literals(self, n: Node, w: int, k: int) -> None:
         if n.target in VIEW_OPS:
@@ -236,26 +311,25 @@ class _Folder:
                 kwargs = map_arg(n.kwargs, lambda a: a.meta["val"])
                 n.meta["val"] = n.target(*args, **kwargs)
 
-    def _remove(self, block: FFNBlock) -> None:
-        """No channel kept: the block's output is ``zeros_like(x) (+ b_down)``."""
-        down = self.nodes[block.down_node]
-        region = [self.nodes[r] for r in block.region]
-        leaf = next(r for r in region if r.op == "call_function" and r.target in (
-            aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default))
-        x = leaf.args[1] if leaf.target is aten.addmm.default else leaf.args[0]
-        out_shape, x_shape = down.meta["val"].shape, x.meta["val"].shape
+    def _projection_input(self, block) -> Node:
+        """x as the block's first projection reads it (flattened for Conv1D's addmm)."""
+        leaf = next(n for n in (self.nodes[r] for r in _region_names(block))
+                    if n.op == "call_function" and n.target in PROJECTION_OPS)
+        return leaf.args[1] if leaf.target is aten.addmm.default else leaf.args[0]
+
+    def _zeros_instead(self, where: str, out: Node, x: Node, bias: Node | None) -> None:
+        """Nothing kept: the block's output is ``zeros_like(x) (+ bias)``."""
+        out_shape, x_shape = out.meta["val"].shape, x.meta["val"].shape
         if len(out_shape) != len(x_shape) or any(str(a) != str(b) for a, b in zip(out_shape, x_shape)):
             raise ProgramError(
-                f"FFN block {block.index} ({block.name}): cannot drop every channel, its output "
-                f"shape {tuple(out_shape)} differs from its input shape {tuple(x_shape)}"
+                f"{where}: cannot drop everything, its output shape {tuple(out_shape)} differs from "
+                f"its input shape {tuple(x_shape)}"
             )
-        with self.graph.inserting_before(down):
-            out = self.graph.call_function(aten.zeros_like.default, (x,))
-            if block.down_bias is not None:
-                bias = down.args[0] if down.target is aten.addmm.default else down.args[2]
-                out = self.graph.call_function(aten.add.Tensor, (out, bias))
-        down.replace_all_uses_with(out)
-        self._fake_prop([out] if block.down_bias is None else [out.args[0], out])
+        with self.graph.inserting_before(out):
+            zeros = self.graph.call_function(aten.zeros_like.default, (x,))
+            new = zeros if bias is None else self.graph.call_function(aten.add.Tensor, (zeros, bias))
+        out.replace_all_uses_with(new)
+        self._fake_prop([zeros] if bias is None else [zeros, new])
 
     def finish(self) -> ExportedProgram:
         eliminate_dead_code(self.graph, removable=self.branch)
@@ -272,6 +346,7 @@ def specialize(
     instruction: str | torch.Tensor | None = None,
     *,
     mask=None,
+    head_mask=None,
     tokenizer=None,
 ) -> ExportedProgram:
     """A smaller dense ExportedProgram equal to ``program`` evaluated with one mask.
@@ -281,26 +356,46 @@ def specialize(
     in execution order). ``program`` may be a masked program, a program with a
     predictor branch, or a plain exported program (then ``mask`` means the masked
     reference semantics). The result has no mask inputs and no mask ops.
+
+    ``head_mask=`` (one 1-D tensor per attention block, one value per key/value head)
+    also removes attention heads: a dropped key/value head takes its query group with
+    it. It is required for a program built with ``insert_masks(ep, heads=True)``; with
+    ``head_mask`` alone, every FFN channel is kept.
     """
     if not isinstance(program, ExportedProgram):
         raise ProgramError(f"specialize() takes a torch.export.ExportedProgram, got {type(program).__name__}")
     if instruction is not None and mask is not None:
         raise InstructionError("give either an instruction or mask=, not both")
-    if instruction is None and mask is None:
+    has_head_inputs = any(n.name.startswith(HEAD_MASK_PREFIX) for n in user_input_nodes(program))
+    if has_head_inputs and head_mask is None:
+        raise MaskError("this program has head mask inputs (insert_masks(..., heads=True)): pass head_mask=")
+    if instruction is None and mask is None and head_mask is None:
         raise InstructionError("specialize() needs an instruction (with a predictor branch) or mask=")
     blocks = find_ffn_blocks(program)
+    has_predictor = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(program))
     if instruction is not None:
-        has_predictor = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(program))
         if not has_predictor:
             raise InstructionError(
                 "this program has no predictor branch: build it with "
                 "insert_masks(ep, predictor=...) or pass mask= instead of an instruction"
             )
         mask = predict_masks(program, blocks, instruction_ids(instruction, tokenizer))
+    elif mask is None:
+        if has_predictor:
+            raise InstructionError("this program has a predictor branch: give an instruction or mask=")
+        mask = [torch.ones(b.width) for b in blocks]
     masks = validate_masks(mask, blocks)
+    heads = []
+    if head_mask is not None:
+        attention = find_attention_blocks(program)
+        if not attention:
+            raise ProgramError("head_mask= given, but no attention block was recognised:\n" + attention_report(program))
+        heads = list(zip(attention, validate_masks(head_mask, attention, what="attention block", argument="head_mask")))
     folder = _Folder(program)
     for block, m in zip(blocks, masks):
         folder.fold(block, m)
+    for block, m in heads:
+        folder.fold_heads(block, m)
     return folder.finish()
 
 

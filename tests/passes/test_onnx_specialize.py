@@ -36,7 +36,9 @@ def check_onnx_equivalence(ep, base, ids, masks):
     expected = ifp.specialize(ifp.insert_masks(ep), mask=masks)
     with torch.no_grad():
         ref = expected.module()(ids)
-    torch.testing.assert_close(run_onnx(small, ids), ref, rtol=1e-5, atol=2e-5)
+    # onnxruntime's and torch's CPU kernels accumulate in different orders (which also
+    # differs between CPUs): the absolute tolerance follows the logits' scale
+    torch.testing.assert_close(run_onnx(small, ids), ref, rtol=1e-5, atol=2e-5 * max(1.0, float(ref.abs().max())))
     # exact count: each dropped channel removes params_per_channel scalars, nothing else changes
     blocks = find_onnx_ffn_blocks(base)
     removed = sum((b.width - int((m != 0).sum())) * b.params_per_channel() for b, m in zip(blocks, masks))
