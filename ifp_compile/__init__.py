@@ -11,6 +11,7 @@
 
 from .blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
 from .capture import CausalLMLogits, export
+from .eager import to_module
 from .errors import IFPError, InstructionError, MaskError, NoFFNFoundError, ProgramError
 from .passes import attention_report, find_attention_blocks, find_ffn_blocks, insert_masks, predict_masks, specialize
 from .stats import count_parameters, kept_parameters
@@ -37,5 +38,6 @@ __all__ = [
     "kept_parameters",
     "predict_masks",
     "specialize",
+    "to_module",
     "__version__",
 ]

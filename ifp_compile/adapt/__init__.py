@@ -1,13 +1,16 @@
-"""Adapt-Pruner (adaptive layer-wise structural pruning), first part: layer importance
-from the residual stream and the per-layer sparsity schedule.
+"""Adapt-Pruner: adaptive layer-wise structural pruning (FFN channels and key/value-head
+groups) on the compiler's passes, with the incremental prune-and-train schedule.
 
-Not yet here (issue 5): attention heads, training between pruning steps (the
-incremental schedule), ``ifp-compile prune``, ``to_module`` and the SmolLM2 benchmark.
+Static pruning is specialisation with a fixed, non-uniform mask: ``adapt_prune`` finds
+the masks, ``ifp_compile.specialize(ep, mask=..., head_mask=...)`` folds them, and
+``to_module`` gives the eager Hugging Face model with resized layers.
 """
 
 from .importance import layer_cosines, layer_importance, normalise_importance
-from .prune import METHODS, adaptive_masks, channel_scores, masks_for_sparsity
+from .prune import (METHODS, PruneResult, adapt_prune, adaptive_masks, allocate, channel_scores, masks_for_counts,
+                    masks_for_sparsity, structure_scores, uniform_masks)
 from .schedule import AMPLITUDE, sparsity_schedule, update_sparsity
 
-__all__ = ["AMPLITUDE", "METHODS", "adaptive_masks", "channel_scores", "masks_for_sparsity", "layer_cosines", "layer_importance", "normalise_importance", "sparsity_schedule",
-           "update_sparsity"]
+__all__ = ["AMPLITUDE", "METHODS", "PruneResult", "adapt_prune", "adaptive_masks", "allocate", "channel_scores",
+           "layer_cosines", "layer_importance", "masks_for_counts", "masks_for_sparsity", "normalise_importance",
+           "sparsity_schedule", "structure_scores", "uniform_masks", "update_sparsity"]

@@ -199,6 +199,5 @@ def test_bad_head_masks_are_refused_with_the_block_named():
         ifp.specialize(masked, mask=[torch.ones(64)] * 2)
     with pytest.raises(ifp.ProgramError, match="without a predictor"):
         ifp.insert_masks(ep, predictor=nn.Identity(), heads=True)
-    ids = torch.randint(0, 128, (1, 5))
     with pytest.raises(ifp.ProgramError, match="no attention block"):
         ifp.insert_masks(ifp.export(HandMLP(), (torch.randn(1, 16),)), heads=True)
