@@ -184,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "runs: torchrun --nproc_per_node N -m ifp_compile.train --config CONFIG.")
     add_arguments(t)
     t.set_defaults(func=train_main)
+
+    from .adapt.command import add_arguments as add_prune_arguments
+    from .adapt.command import prune_main
+
+    pr = sub.add_parser("prune", help="Adapt-Pruner: statically prune FFN channels (and key/value heads)",
+                        description="Adaptive layer-wise structural pruning (docs/adapt.md): per-layer sparsity "
+                        "from layer importance, within-layer Taylor or magnitude scores, optional training "
+                        "between pruning steps. Writes OUT/program.pt2 (and model.onnx), masks.safetensors, "
+                        "prune.json.")
+    add_prune_arguments(pr)
+    pr.set_defaults(func=prune_main)
     return p
 
 
