@@ -7,10 +7,10 @@ the masks, ``ifp_compile.specialize(ep, mask=..., head_mask=...)`` folds them, a
 """
 
 from .importance import layer_cosines, layer_importance, normalise_importance
-from .prune import (METHODS, PruneResult, adapt_prune, adaptive_masks, allocate, channel_scores, masks_for_counts,
+from .prune import (METHODS, PruneResult, adapt_prune, adaptive_counts, adaptive_masks, allocate, channel_scores, masks_for_counts,
                     masks_for_sparsity, structure_scores, uniform_masks)
 from .schedule import AMPLITUDE, sparsity_schedule, update_sparsity
 
-__all__ = ["AMPLITUDE", "METHODS", "PruneResult", "adapt_prune", "adaptive_masks", "allocate", "channel_scores",
+__all__ = ["AMPLITUDE", "METHODS", "PruneResult", "adapt_prune", "adaptive_counts", "adaptive_masks", "allocate", "channel_scores",
            "layer_cosines", "layer_importance", "masks_for_counts", "masks_for_sparsity", "normalise_importance",
            "sparsity_schedule", "structure_scores", "uniform_masks", "update_sparsity"]

@@ -229,6 +229,19 @@ def adapt_prune(ep: ExportedProgram, calibration: Sequence[torch.Tensor], target
     return result
 
 
+def adaptive_counts(ep: ExportedProgram, calibration: Sequence[torch.Tensor], keep: float, *, steps: int = 5,
+                    amplitude: float = AMPLITUDE) -> list[int]:
+    """Per-layer keep counts for an *instruction* predictor from Adapt-Pruner's allocation.
+
+    IFPruning keeps the same fraction in every layer; here the layers the residual stream
+    needs most keep more channels, at the same total. The result goes where per-layer
+    counts are accepted: ``"keep": [...]`` in a training config, ``IFPredictor(counts=...)``.
+    """
+    _check_target("keep", keep)
+    r = adapt_prune(ep, calibration, 1.0 - keep, steps=steps, amplitude=amplitude, method="magnitude")
+    return [int(m.sum()) for m in r.ffn_masks]
+
+
 def adaptive_masks(ep: ExportedProgram, calibration: Sequence[torch.Tensor], target: float, *, steps: int = 5,
                    amplitude: float = AMPLITUDE, method: str = "magnitude") -> tuple[list[torch.Tensor], list[list[float]]]:
     """FFN-only Adapt-Pruner masks for sparsity ``target``, and the sparsities after each step."""
@@ -236,5 +249,5 @@ def adaptive_masks(ep: ExportedProgram, calibration: Sequence[torch.Tensor], tar
     return r.ffn_masks, r.sparsity
 
 
-__all__ = ["METHODS", "MAX_SPARSITY", "PruneResult", "adapt_prune", "adaptive_masks", "allocate", "channel_scores",
+__all__ = ["METHODS", "MAX_SPARSITY", "PruneResult", "adapt_prune", "adaptive_counts", "adaptive_masks", "allocate", "channel_scores",
            "masks_for_counts", "masks_for_sparsity", "structure_scores", "uniform_masks"]

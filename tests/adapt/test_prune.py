@@ -75,3 +75,18 @@ def test_bad_inputs_are_named(identity_middle):
         adaptive_masks(ep, [], 0.5)
     with pytest.raises(IFPError, match="method must be one of magnitude, taylor, got 'l2'"):
         channel_scores(ep, "l2")
+
+
+def test_adaptive_counts_give_an_instruction_predictor_non_uniform_budgets(identity_middle):
+    from ifp_compile.adapt import adaptive_counts
+    from ifp_compile.predictors import IFPredictor
+    from ifp_compile.predictors.if_predictor import LMEncoder
+
+    model, ep, calib = identity_middle
+    counts = adaptive_counts(ep, calib, 0.5, steps=3)
+    assert sum(counts) == 96 and counts[1] == min(counts) < 32 < max(counts)  # the identity layer keeps least
+    pred = IFPredictor(LMEncoder(model, num_layers=1), [64] * 3, counts)
+    masks = pred(calib[0])
+    assert [int((m != 0).sum()) for m in masks] == counts
+    with pytest.raises(IFPError, match=r"keep must be in \(0, 1\), got 1.0"):
+        adaptive_counts(ep, calib, 1.0)
