@@ -21,14 +21,22 @@ import sys
 from .errors import IFPError
 
 
-def _ratio(text: str) -> float:
+def fraction(text: str, *, low_open: bool = True, high_open: bool = False, what: str = "keep") -> float:
+    """An argparse value in an interval of [0, 1] (open or closed at either end)."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep must be in (0, 1], got {v}")
+    ok_low = v > 0.0 if low_open else v >= 0.0
+    ok_high = v < 1.0 if high_open else v <= 1.0
+    if not (ok_low and ok_high):
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise argparse.ArgumentTypeError(f"{what} must be in {interval}, got {v}")
     return v
+
+
+def _ratio(text: str) -> float:
+    return fraction(text)
 
 
 def _positive_int(text: str) -> int:

@@ -116,3 +116,15 @@ def module_path_hint(node: Node) -> str | None:
         return None
     path = list(stack.values())[-1][0]
     return path or None
+
+
+class ProgramIndex:
+    """What every discovery pass looks up on a program: specs, node order, the mask branch."""
+
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.specs = input_specs_by_node(ep)
+        self.nodes = list(ep.graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.mask_branch = mask_branch(ep)
+        self.by_name = {n.name: n for n in self.nodes}

@@ -27,23 +27,15 @@ FORMATS = ("pt2", "onnx")
 
 
 def _target(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1) (the fraction of FFN channels to remove), got {v}")
-    return v
+    from ..cli import fraction
+
+    return fraction(text, high_open=True, what="the fraction of FFN channels to remove")
 
 
 def _heads_target(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of key/value heads to remove), got {v}")
-    return v
+    from ..cli import fraction
+
+    return fraction(text, low_open=False, high_open=True, what="the fraction of key/value heads to remove")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -39,8 +39,8 @@ from torch.fx import Node
 
 from ..blocks import AttentionBlock, HeadSlice
 from ..errors import ProgramError
-from ..graph_utils import ASSERT_OPS, forward_closure, input_specs_by_node, mask_branch, module_path_hint, val
-from .discover_ffn import IDENTITY_OPS, SPLIT_OPS, VIEW_OPS, Projection, _is_pointwise, _split_chunks, as_projection
+from ..graph_utils import ASSERT_OPS, ProgramIndex, forward_closure, module_path_hint, val
+from .discover_ffn import IDENTITY_OPS, SPLIT_OPS, VIEW_OPS, Projection, _is_pointwise, _Reject, _split_chunks, as_projection
 
 aten = torch.ops.aten
 
@@ -55,10 +55,6 @@ ATTENTION_PATTERNS_TRIED = (
     "expand+reshape or repeat_interleave -> aten.scaled_dot_product_attention -> merge heads -> "
     "o projection; eager attention written as matmul + softmax is not recognised"
 )
-
-
-class _Reject(Exception):
-    pass
 
 
 def _same(a, b) -> bool:
@@ -80,13 +76,8 @@ class _Found:
     repeat: int = 1  # query heads per key/value head introduced on the way (GQA)
 
 
-class AttentionDiscovery:
-    def __init__(self, ep: ExportedProgram):
-        self.ep = ep
-        self.specs = input_specs_by_node(ep)
-        self.nodes = list(ep.graph.nodes)
-        self.pos = {n: i for i, n in enumerate(self.nodes)}
-        self.mask_branch = mask_branch(ep)
+class AttentionDiscovery(ProgramIndex):
+    """Runs the head-axis match over one program (see module docstring)."""
 
     # -- backwards from the kernel's q/k/v ---------------------------------------------
     def _depends_on(self, node: Node, x_users: set[Node]) -> bool:
@@ -304,7 +295,7 @@ class AttentionDiscovery:
         owners |= set(o.extra)
         shared = []
         for ps in params:
-            ph = next(n for n in self.nodes if n.name == ps.placeholder)
+            ph = self.by_name[ps.placeholder]
             if any(u not in owners for u in ph.users):
                 shared.append(ps.key)
         for e in [e for f in found.values() for p, _, _ in f.leaves for e in p.extra] + list(o.extra):
@@ -317,16 +308,11 @@ class AttentionDiscovery:
             params=tuple(params),
             o_bias=specs[o.bias.name].target if o.bias is not None else None,
             input_node=x.name, o_node=o.node.name, o_input=o_input.name,
-            region=tuple(sorted(((n.name, a) for n, a in region.items()), key=lambda r: self.pos[self._by_name(r[0])])),
+            region=tuple(sorted(((n.name, a) for n, a in region.items()), key=lambda r: self.pos[self.by_name[r[0]]])),
             mask_node=mask_node.name if mask_node is not None else None,
             mask_source=mask_source.name if mask_source is not None else None,
             shared_params=tuple(shared),
         )
-
-    def _by_name(self, name: str) -> Node:
-        if not hasattr(self, "_names"):
-            self._names = {n.name: n for n in self.nodes}
-        return self._names[name]
 
     def _heads_unbounded(self, node: Node, f: _Found) -> None:
         """Follow one kernel input back; x is then the projections' common input."""

@@ -42,10 +42,9 @@ from ..blocks import FFNBlock, ParamSlice
 from ..errors import NoFFNFoundError, ProgramError
 from ..graph_utils import (
     ASSERT_OPS,
-    input_specs_by_node,
+    ProgramIndex,
     is_tensor_state,
     last_dim,
-    mask_branch,
     module_path_hint,
     val,
 )
@@ -215,17 +214,12 @@ class _Reject(Exception):
     pass
 
 
-class FFNDiscovery:
+class FFNDiscovery(ProgramIndex):
     """Runs the structural match over one program (see module docstring)."""
 
     def __init__(self, ep: ExportedProgram):
-        self.ep = ep
-        self.specs = input_specs_by_node(ep)
-        self.nodes = list(ep.graph.nodes)
-        self.pos = {n: i for i, n in enumerate(self.nodes)}
-        self.mask_branch = mask_branch(ep)
+        super().__init__(ep)
         self.claimed: set[Node] = set()
-        self.by_name = {n.name: n for n in self.nodes}
 
     # -- walking -------------------------------------------------------------------
     def _carries_width(self, node: Node, w: int) -> bool:
