@@ -39,8 +39,8 @@ from torch.fx import Node
 
 from ..blocks import AttentionBlock, HeadSlice
 from ..errors import ProgramError
-from ..graph_utils import ASSERT_OPS, ProgramIndex, forward_closure, module_path_hint, val
-from .discover_ffn import IDENTITY_OPS, SPLIT_OPS, VIEW_OPS, Projection, _is_pointwise, _Reject, _split_chunks, as_projection
+from ..graph_utils import ASSERT_OPS, ProgramIndex, module_path_hint, val
+from .discover_ffn import IDENTITY_OPS, SPLIT_OPS, VIEW_OPS, Projection, _is_pointwise, _Reject, _split_chunks, _strip_views, as_projection
 
 aten = torch.ops.aten
 
@@ -80,9 +80,6 @@ class AttentionDiscovery(ProgramIndex):
     """Runs the head-axis match over one program (see module docstring)."""
 
     # -- backwards from the kernel's q/k/v ---------------------------------------------
-    def _depends_on(self, node: Node, x_users: set[Node]) -> bool:
-        return node in x_users
-
     def _heads(self, n: Node, axis: int, f: _Found, x_users: set[Node]) -> None:
         """``n`` carries heads on ``axis``; follow them back to a projection of x."""
         v = val(n)
@@ -145,7 +142,7 @@ class AttentionDiscovery(ProgramIndex):
         if av is None:
             return
         aligned = axis - (uv.dim() - av.dim())
-        if self._depends_on(a, x_users):
+        if a in x_users:
             if aligned < 0 or not _same(av.shape[aligned], uv.shape[axis]):
                 raise _Reject(f"{a.name} mixes values of x into {user.name} across heads")
             self._heads(a, aligned, f, x_users)
@@ -264,7 +261,7 @@ class AttentionDiscovery(ProgramIndex):
             probe = _Found()
             self._heads_unbounded(node, probe)
             found[role] = probe
-        xs = {_strip(p.x) for f in found.values() for p, _, _ in f.leaves}
+        xs = {_strip_views(p.x) for f in found.values() for p, _, _ in f.leaves}
         if len(xs) != 1:
             raise _Reject("q, k and v are not projections of one input")
         heads = val(q).shape[1]
@@ -396,12 +393,6 @@ class AttentionDiscovery(ProgramIndex):
         return out
 
 
-def _strip(node: Node) -> Node:
-    while isinstance(node, Node) and node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
-    return node
-
-
 def find_attention_blocks(ep: ExportedProgram) -> list[AttentionBlock]:
     """Every attention block of ``ep`` whose head structure is recognised, in execution order.
 
@@ -424,4 +415,4 @@ def attention_report(ep: ExportedProgram) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["find_attention_blocks", "attention_report", "forward_closure"]
+__all__ = ["find_attention_blocks", "attention_report"]
