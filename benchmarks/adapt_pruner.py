@@ -7,10 +7,11 @@ Two settings, every row with exactly the same number of parameters within a sett
 A. 50% of FFN channels removed;
 B. 50% of FFN channels and 25% of key/value heads (each with its query group) removed.
 
-Rows: dense; uniform magnitude; uniform first-order Taylor; a static mask from calibration
-activations (GRIFFIN's rule over mixed text, FFN only); adaptive (this project) with
-magnitude and with Taylor scores, no training; adaptive Taylor with the incremental
-schedule (``--steps`` pruning steps with ``--train-steps`` trainer steps after each);
+Rows: dense; uniform (the same fraction in every layer) with magnitude, first-order Taylor
+and activation scores (the last is a static mask from calibration activations: GRIFFIN's
+rule over mixed text); adaptive (this project) with each of the three, no training;
+adaptive with the incremental schedule (``--steps`` pruning steps with ``--train-steps``
+trainer steps after each) for ``--train-methods``;
 and the peer Torch-Pruning 1.6.1 (its magnitude pruner, FFN only: it cannot remove
 key/value heads of a GQA model). Held-out text: standard-library Python files and
 package docstrings that calibration and training never see (examples/domain_corpora.py
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 import tempfile
@@ -36,9 +38,8 @@ import domain_corpora  # noqa: E402
 
 import ifp_compile as ifp  # noqa: E402
 from benchmarks.peers import torch_pruning_peer as peer  # noqa: E402
-from ifp_compile.adapt import adapt_prune, structure_scores, uniform_masks  # noqa: E402
+from ifp_compile.adapt import METHODS, adapt_prune, structure_scores, uniform_masks  # noqa: E402
 from ifp_compile.adapt.incremental import trainer_hook  # noqa: E402
-from ifp_compile.predictors import PromptActivationPredictor  # noqa: E402
 from ifp_compile.real_model import load_smollm2  # noqa: E402
 
 
@@ -69,6 +70,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate of that training (default 5e-5)")
     p.add_argument("--eval-chunks", type=int, default=12, help="held-out chunks of 256 tokens per domain (default 12)")
     p.add_argument("--calib-chunks", type=int, default=4, help="calibration chunks per domain (default 4)")
+    p.add_argument("--train-methods", default="taylor,activation",
+                   help="within-layer scores of the incremental-schedule rows, comma-separated (default taylor,activation)")
     p.add_argument("--json", help="also write the table as JSON here")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -111,25 +114,20 @@ def main(argv=None):
 
     add("A", "dense", ones_f, ones_h)
     with torch.no_grad():
-        mag_f = structure_scores(ep, blocks, "magnitude")
-        mag_h = structure_scores(ep, attention, "magnitude")
-    tay_f = structure_scores(ep, blocks, "taylor", calib)
-    tay_h = structure_scores(ep, attention, "taylor", calib)
+        scores = {"magnitude": (structure_scores(ep, blocks, "magnitude"), structure_scores(ep, attention, "magnitude"))}
+    scores["Taylor"] = (structure_scores(ep, blocks, "taylor", calib), structure_scores(ep, attention, "taylor", calib))
+    scores["activation"] = (structure_scores(ep, blocks, "activation", calib),
+                            structure_scores(ep, attention, "activation", calib))
+    names = {"magnitude": "uniform magnitude", "Taylor": "uniform Taylor",
+             "activation": "uniform activation = static mask (GRIFFIN's rule)"}
     for setting, h_target in (("A", 0.0), ("B", 0.25)):
-        for name, sf, sh in (("uniform magnitude", mag_f, mag_h), ("uniform Taylor", tay_f, tay_h)):
+        for name, (sf, sh) in scores.items():
             heads = uniform_masks(sh, h_target) if h_target else ones_h
-            add(setting, name, uniform_masks(sf, 0.5), heads)
-    probe = PromptActivationPredictor(ep, keep=1.0)
-    with torch.no_grad():
-        act = None
-        for c in calib:
-            sc = probe.channel_scores(c)
-            act = sc if act is None else [a + b for a, b in zip(act, sc)]
-    add("A", "static activation mask (GRIFFIN's rule)", uniform_masks(act, 0.5), ones_h)
+            add(setting, names[name], uniform_masks(sf, 0.5), heads)
 
     results = {}
     for setting, h_target in (("A", 0.0), ("B", 0.25)):
-        for method in ("magnitude", "taylor"):
+        for method in METHODS:
             t0 = time.perf_counter()
             r = adapt_prune(ep, calib, 0.5, heads_target=h_target, steps=args.steps, method=method, progress=log)
             heads = r.head_masks if r.head_masks is not None else ones_h
@@ -143,21 +141,21 @@ def main(argv=None):
         sum(p.numel() for p in tp_model.parameters()), time.perf_counter() - t0)
     del tp_model
 
-    for setting, h_target in (("A", 0.0), ("B", 0.25)):
+    for (setting, h_target), method in itertools.product((("A", 0.0), ("B", 0.25)), args.train_methods.split(",")):
         t0 = time.perf_counter()
         work = copy.deepcopy(model)
         work_ep = ifp.export(work, (calib[0],), dynamic_shapes="seq")
         work_masked = ifp.insert_masks(work_ep, heads=True)
         hook = trainer_hook(work, tok, work_ep, work_masked, train_file, steps=args.train_steps, lr=args.lr,
                             chunk_tokens=128, max_tokens=256, heads=True)
-        r = adapt_prune(work_ep, calib, 0.5, heads_target=h_target, steps=args.steps, method="taylor",
+        r = adapt_prune(work_ep, calib, 0.5, heads_target=h_target, steps=args.steps, method=method,
                         progress=log, train=lambda step, f, h: hook(step, f, h if h is not None else ones_h))
         heads = r.head_masks if r.head_masks is not None else ones_h
         small = ifp.specialize(work_ep, mask=r.ffn_masks, head_mask=heads)
         losses = {d: loss_of(small.module(), evals[d]) for d in evals}
-        add(setting, f"adaptive Taylor + incremental training ({args.steps}x{args.train_steps} steps)", r.ffn_masks,
+        add(setting, f"adaptive {method} + training ({args.steps}x{args.train_steps} steps)", r.ffn_masks,
             heads, losses, ifp.count_parameters(small), time.perf_counter() - t0)
-        results[(setting, "trained")] = r
+        results[(setting, f"{method} trained")] = r
         del work, work_ep, work_masked, small
 
     print(f"\nSmolLM2-135M-Instruct, dense {dense_params:,} parameters; held-out next-token loss "
@@ -170,9 +168,9 @@ def main(argv=None):
             print(f"{row['method']:<58} {row['code']:>7.3f} {row['prose']:>7.3f} {row['params']:>13,}")
         if setting == "B":
             print(f"{'Torch-Pruning 1.6.1 (peer)':<58} {'n/a: cannot remove key/value heads of a GQA model':>29}")
-    for key in (("A", "taylor"), ("B", "taylor")):
+    for key in results:
         r = results[key]
-        print(f"\nadaptive Taylor, setting {key[0]}: FFN widths per layer {[int(m.sum()) for m in r.ffn_masks]}")
+        print(f"\nadaptive {key[1]}, setting {key[0]}: FFN widths per layer {[int(m.sum()) for m in r.ffn_masks]}")
         if r.head_masks is not None:
             print(f"  kv heads per layer {[int(m.sum()) for m in r.head_masks]}")
         print(f"  final layer importance {[round(x, 2) for x in r.importance[-1]]}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IFPError
+from .prune import METHODS
 
 FORMATS = ("pt2", "onnx")
 
@@ -48,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of key/value heads to remove (with their query groups); default 0")
     p.add_argument("--data", required=True, help="calibration (and training) text: JSONL with {\"text\": ...} lines")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--method", choices=("magnitude", "taylor"), default="taylor",
-                   help="within-layer importance (default taylor: |w * dL/dw| over coupled weights)")
+    p.add_argument("--method", choices=METHODS, default="taylor",
+                   help="within-layer importance: taylor (default; |w * dL/dw| over coupled weights), magnitude (|w|), "
+                        "activation (GRIFFIN's rule on the calibration text)")
     p.add_argument("--steps", type=_positive_int, default=5, help="pruning steps (default 5)")
     p.add_argument("--amplitude", type=float, default=0.03, help="A in s += delta - A * I (default 0.03)")
     p.add_argument("--train-steps", type=int, default=0,

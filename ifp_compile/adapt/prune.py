@@ -13,7 +13,10 @@ Per step ``t`` of ``steps``:
    every coupled tensor discovery lists (gate and up rows, down column, biases; q rows
    of the group's query heads, k/v rows, o columns):
    ``"magnitude"`` = sum of ``|w|``; ``"taylor"`` = sum of ``|w * dL/dw|`` on calibration
-   data, re-measured on the masked program at every step;
+   data, re-measured on the masked program at every step; ``"activation"`` (not in the
+   paper) = GRIFFIN's rule on calibration data: the norm over tokens of each channel's
+   token-normalised activation (for heads: of the group's columns of the o projection's
+   input), also re-measured on the masked program at every step;
 5. optionally the model trains under the new masks (``train=``, the incremental
    schedule; see ``incremental.py``), which changes the weights the next step scores.
 """
@@ -30,10 +33,11 @@ from torch.export import ExportedProgram
 from ..blocks import ParamSlice
 from ..errors import IFPError
 from ..passes import find_attention_blocks, find_ffn_blocks, insert_masks
+from ..passes.program_edit import probe_module
 from .importance import layer_cosines, normalise_importance
 from .schedule import AMPLITUDE, MAX_SPARSITY, update_sparsity
 
-METHODS = ("magnitude", "taylor")
+METHODS = ("magnitude", "taylor", "activation")
 
 
 def _group_sums(t: torch.Tensor, ps, n: int) -> torch.Tensor:
@@ -65,6 +69,8 @@ def structure_scores(ep: ExportedProgram, blocks, method: str = "magnitude", cal
     """
     if method not in METHODS:
         raise IFPError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "activation":
+        return _activation_scores(ep, blocks, calibration, extra)
     state = {**ep.state_dict, **ep.constants}
     grads = None
     if method == "taylor":
@@ -84,6 +90,38 @@ def structure_scores(ep: ExportedProgram, blocks, method: str = "magnitude", cal
                     w = w * grads[p.key].double()
                 total += _group_sums(w.abs(), p, b.width)
             scores.append(total)
+    return scores
+
+
+@torch.no_grad()
+def _activation_scores(ep: ExportedProgram, blocks, calibration: Sequence | None, extra: tuple) -> list[torch.Tensor]:
+    """GRIFFIN's rule over calibration tokens, through the (masked) program itself.
+
+    Each token's activation row is normalised to unit length first, so a few tokens with
+    huge activations do not decide alone; a channel's score is then its L2 norm over all
+    calibration tokens. For a head group the columns of the o projection's input that the
+    group occupies are summed (squared norms), which is the group's share of that input.
+    """
+    if not calibration:
+        raise IFPError("activation importance needs calibration data (token ids [1, T])")
+    nodes = [b.hidden_node if hasattr(b, "hidden_node") else b.o_input for b in blocks]
+    probe = probe_module(ep, nodes)
+    sq = [None] * len(blocks)
+    for ids in calibration:
+        for i, h in enumerate(probe(ids, *extra)):
+            a = h.detach().reshape(-1, h.shape[-1]).double()
+            a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            col = a.square().sum(0)
+            sq[i] = col if sq[i] is None else sq[i] + col
+    scores = []
+    for b, col in zip(blocks, sq):
+        if hasattr(b, "hidden_node"):
+            scores.append(col.sqrt())
+            continue
+        o = next(p for p in b.params if p.role == "o")
+        shape = [1] * len(o.shape)
+        shape[o.axis] = -1
+        scores.append(_group_sums(col.reshape(shape), o, b.width).sqrt())
     return scores
 
 

@@ -45,11 +45,12 @@ def test_allocate_is_exact_and_respects_bounds():
         allocate([4, 4], [0.9, 0.9], 1)
 
 
-def test_uniform_and_adaptive_hold_the_same_parameters():
+@pytest.mark.parametrize("method", ["magnitude", "activation"])
+def test_uniform_and_adaptive_hold_the_same_parameters(method):
     model = _model()
     ep = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     calib = [torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    r = adapt_prune(ep, calib, 0.5, heads_target=0.34, steps=3, method="magnitude")
+    r = adapt_prune(ep, calib, 0.5, heads_target=0.34, steps=3, method=method)
     scores = ifp.adapt.channel_scores(ep)
     uni = uniform_masks(scores, 0.5)
     assert sum(int(m.sum()) for m in r.ffn_masks) == sum(int(m.sum()) for m in uni) == 96

@@ -46,13 +46,42 @@ def test_taylor_scores_by_hand(identity_middle):
     torch.testing.assert_close(channel_scores(ep, "taylor", [ids])[2], expected.detach(), rtol=1e-4, atol=1e-9)
 
 
+def test_activation_scores_by_hand(identity_middle):
+    """GRIFFIN's rule: per-token unit rows of h(x) = silu(gate) * up, then each column's norm."""
+    model, ep, calib = identity_middle
+    from ifp_compile.adapt import structure_scores
+
+    mlp, attn = model.model.layers[2].mlp, model.model.layers[0].self_attn
+    hs, os_ = [], []
+    hooks = [mlp.down_proj.register_forward_hook(lambda m, i, o: hs.append(i[0])),
+             attn.o_proj.register_forward_hook(lambda m, i, o: os_.append(i[0]))]
+    with torch.no_grad():
+        for ids in calib[:2]:
+            model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    def griffin(rows):
+        a = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]).double()
+        return (a / a.norm(dim=-1, keepdim=True)).square().sum(0)
+
+    torch.testing.assert_close(channel_scores(ep, "activation", calib[:2])[2], griffin(hs).sqrt())
+    cfg = model.config
+    head_dim, per_group = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    expected = griffin(os_).reshape(cfg.num_key_value_heads, per_group * head_dim).sum(1).sqrt()
+    got = structure_scores(ep, ifp.find_attention_blocks(ep), "activation", calib[:2])[0]
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(IFPError, match="activation importance needs calibration data"):
+        channel_scores(ep, "activation")
+
+
 def test_masks_for_sparsity_keep_the_top_channels():
     scores = [torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([1.0, 2.0])]
     m = masks_for_sparsity(scores, [0.5, 0.99])
     assert m[0].tolist() == [0.0, 1.0, 1.0, 0.0] and m[1].tolist() == [0.0, 1.0]  # at least one kept
 
 
-@pytest.mark.parametrize("method", ["magnitude", "taylor"])
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "activation"])
 def test_adaptive_masks_prune_the_identity_layer_most(identity_middle, method):
     _, ep, calib = identity_middle
     masks, history = adaptive_masks(ep, calib, 0.5, steps=4, method=method)
@@ -73,7 +102,7 @@ def test_bad_inputs_are_named(identity_middle):
         adaptive_masks(ep, calib, 1.5)
     with pytest.raises(IFPError, match="needs calibration data"):
         adaptive_masks(ep, [], 0.5)
-    with pytest.raises(IFPError, match="method must be one of magnitude, taylor, got 'l2'"):
+    with pytest.raises(IFPError, match="method must be one of magnitude, taylor, activation, got 'l2'"):
         channel_scores(ep, "l2")
 
 
