@@ -52,6 +52,9 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMATS = ("onnx", "pt2")
 
 
+MASK_FILE = "mask.safetensors"
+
+
 class BuildError(IFPError):
     """Bad build input: tasks file, model, output directory."""
 
@@ -434,6 +437,7 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
         if digests[t.name] not in first:
             first[digests[t.name]] = t.name
             jobs_needed.append(t)
+            _write_mask(tmps[t.name], masks[t.name])
     infos: dict[str, dict] = {}
     base_dir = str(out / "base")
     if "onnx" in formats:
@@ -474,6 +478,14 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
     for t in todo:
         replace_dir(tmps[t.name], out / "tasks" / t.name)
         report.built.append(t.name)
+
+
+def _write_mask(directory: Path, masks) -> None:
+    """The task's mask beside its weights (``ffn.<i>``, the format ``--mask`` files use):
+    what ``ifp-compile report`` reads to draw per-layer widths and mask overlaps."""
+    from safetensors.numpy import save
+
+    atomic_write(directory / MASK_FILE, save({f"ffn.{i}": np.asarray(m, dtype=np.float32) for i, m in enumerate(masks)}))
 
 
 def _count(ep) -> int:

@@ -76,6 +76,11 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
         manifest = json.loads((out / "tasks" / name / "manifest.json").read_text())
         assert manifest["kept_channels"] == [int(np.count_nonzero(x)) for x in masks[key]]
         assert manifest["parameters"]["pt2_parameters"] == ifp.count_parameters(ifp.specialize(ep, mask=m))
+        from ifp_compile.build import read_mask_file
+
+        stored = read_mask_file(str(out / "tasks" / name / "mask.safetensors"), [x.shape[0] for x in masks[key]])
+        assert all(np.array_equal(np.asarray(a), b) for a, b in zip(stored, masks[key]))
+        assert "mask.safetensors" in manifest["files"]
     # tasks with one mask share their files; every task shares the base weights
     a, g = out / "tasks" / "alpha", out / "tasks" / "gamma"
     assert (a / "ffn.bin").stat().st_ino == (g / "ffn.bin").stat().st_ino
