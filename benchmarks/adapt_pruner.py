@@ -14,7 +14,7 @@ adaptive with the incremental schedule (``--steps`` pruning steps with ``--train
 trainer steps after each) for ``--train-methods``;
 and the peer Torch-Pruning 1.6.1 (its magnitude pruner, FFN only: it cannot remove
 key/value heads of a GQA model). Held-out text: standard-library Python files and
-package docstrings that calibration and training never see (examples/domain_corpora.py
+package docstrings that calibration and training never see (ifp_compile/corpora.py
 splits by file). Calibration and training text: the training split of both domains.
 """
 
@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import domain_corpora  # noqa: E402
+from ifp_compile import corpora as domain_corpora  # noqa: E402
 
 import ifp_compile as ifp  # noqa: E402
 from benchmarks.peers import torch_pruning_peer as peer  # noqa: E402

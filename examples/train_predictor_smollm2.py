@@ -2,7 +2,7 @@
 
     python examples/train_predictor_smollm2.py [--steps 450] [--work DIR] [--keep 0.5]
 
-Data that exists on every machine (examples/domain_corpora.py): Python standard-library
+Data that exists on every machine (ifp_compile/corpora.py): Python standard-library
 source (code), docstrings of installed packages (prose) and generated arithmetic word
 problems (math); held-out files/problems for evaluation. The LLM is frozen; the
 predictor's encoder is the model's own first 4 layers (shared weights), so only the MLP
@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import domain_corpora  # noqa: E402
+from ifp_compile import corpora as domain_corpora  # noqa: E402
 
 from ifp_compile.predictors import PromptActivationPredictor  # noqa: E402
 from ifp_compile.progress import status  # noqa: E402

@@ -1,34 +1,21 @@
-"""examples/domain_corpora.py: determinism, leak-free splits, correct math, errors.
+"""ifp_compile.corpora: determinism, leak-free splits, correct math, errors.
 
-The module lives in examples/ (it is not part of the package), so it is loaded from its
-path. Prose reads installed packages, so its checks use small ``n`` to stay fast.
+Prose reads installed packages, so its checks use small ``n`` to stay fast.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "domain_corpora.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("domain_corpora", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load()
+from ifp_compile import corpora as dc
 
 SMALL = {"code": 60, "prose": 25, "math": 30}
 
@@ -46,9 +33,8 @@ def test_identical_in_a_fresh_process_with_another_hash_seed():
     """In-process repeats hit the memo; a new interpreter with a different str-hash salt
     catches any dependence on ``hash()`` or set order."""
     script = (
-        "import hashlib, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('dc', {str(_PATH)!r})\n"
-        "dc = importlib.util.module_from_spec(spec); spec.loader.exec_module(dc)\n"
+        "import hashlib\n"
+        "from ifp_compile import corpora as dc\n"
         f"for domain, n in {SMALL!r}.items():\n"
         "    for split in dc.SPLITS:\n"
         "        print(hashlib.sha256('\\0'.join(dc.texts(domain, split, n)).encode()).hexdigest())\n"

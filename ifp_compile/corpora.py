@@ -1,7 +1,7 @@
 """Offline text corpora in three domains -- code, prose, math -- for training and
 evaluating a mask predictor (e.g. for SmolLM2-135M-Instruct) on CPU.
 
-    python examples/domain_corpora.py [--out DIR] [--n N] [--min-chars C] [--seed S]
+    python -m ifp_compile.corpora [--out DIR] [--n N] [--min-chars C] [--seed S]
 
 Every text comes from something that exists wherever Python is installed, so nothing is
 downloaded and the corpora can be rebuilt bit-for-bit on the same machine:
