@@ -40,6 +40,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b % self.vocab_size for b in text.encode()]
 
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Bytes back to text (lossy when ``vocab_size < 256``; test models only)."""
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids the same way ``specialize(program, text, tokenizer=...)`` makes them."""
