@@ -203,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "prune.json.")
     add_prune_arguments(pr)
     pr.set_defaults(func=prune_main)
+
+    from .evaluation.command import add_arguments as add_eval_arguments
+    from .evaluation.command import eval_main
+
+    ev = sub.add_parser("eval", help="held-out quality of dense, static and per-task masks at one size",
+                        description="Rows: dense; a static mask (Adapt-Pruner, or uniform magnitude) at the same "
+                        "kept parameters; per-task masks from the prompt-activation predictor and from a trained "
+                        "IFPredictor checkpoint (--predictor); a random mask of the same size. Columns: held-out "
+                        "loss on code (stdlib source), prose (package docstrings) and math (word problems), "
+                        "math exact match, kept parameters; then the share of the static-to-dense gap the "
+                        "per-task masks close. --out DIR writes eval.json and masks.safetensors for "
+                        "ifp-compile report.")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=eval_main)
+
+    from .report.command import add_arguments as add_report_arguments
+    from .report.command import report_main
+
+    rp = sub.add_parser("report", help="a self-contained HTML report of a build or eval directory",
+                        description="Figures (kept width per layer per task, task-by-task mask overlap per "
+                        "layer) and tables (quality, speed) as one HTML file with embedded PNGs.")
+    add_report_arguments(rp)
+    rp.set_defaults(func=report_main)
     return p
 
 
