@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", help="a trained IFPredictor checkpoint directory (ifp-compile train): adds its row")
     p.add_argument("--static", choices=STATIC, default="adapt",
                    help="the static row: Adapt-Pruner (default) or uniform magnitude pruning")
-    p.add_argument("--static-score", choices=STATIC_SCORES, default="taylor",
-                   help="Adapt-Pruner's within-layer score (default taylor)")
+    p.add_argument("--static-score", choices=STATIC_SCORES, default="activation",
+                   help="Adapt-Pruner's within-layer score (default activation: the strongest static "
+                   "baseline on SmolLM2, see docs/results.md)")
     p.add_argument("--segments", type=_positive_int, default=12,
                    help="held-out segments of 256 tokens per domain (default 12)")
     p.add_argument("--problems", type=int, default=20, help="held-out math problems to answer (default 20; 0 = skip)")
