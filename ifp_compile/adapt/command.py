@@ -69,8 +69,7 @@ def prune_main(args: argparse.Namespace) -> int:
     from ..capture import export
     from ..passes import find_attention_blocks, find_ffn_blocks, specialize
     from ..stats import count_parameters
-    from ..train.data import ByteTokenizer
-    from ..train.trainer import load_model
+    from ..train.trainer import load_model_and_tokenizer
     from .incremental import calibration_chunks, trainer_hook
     from .prune import adapt_prune
 
@@ -85,11 +84,7 @@ def prune_main(args: argparse.Namespace) -> int:
         raise IFPError(f"--out {out} exists and is not a directory")
     if not Path(args.data).is_file():
         raise IFPError(f"--data {args.data}: no such file")
-    model, tok = load_model(args.model)
-    if args.tokenizer == "bytes":
-        tok = ByteTokenizer(int(model.config.vocab_size))
-    elif tok is None:
-        raise IFPError(f"model {args.model} has no tokenizer files; pass --tokenizer bytes for a test model")
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer)
     calib = calibration_chunks(args.data, tok, chunk_tokens=args.chunk_tokens, max_chunks=args.calibration_chunks)
     program = export(model, (calib[0],), dynamic_shapes="seq")
     heads = args.heads_target > 0

@@ -231,6 +231,8 @@ def adapt_prune(ep: ExportedProgram, calibration: Sequence[torch.Tensor], target
                            "at least one key/value head with its query group")
     masked = insert_masks(ep, heads=bool(attention))
     module = masked.module()
+    masked_blocks = find_ffn_blocks(masked)
+    masked_attention = find_attention_blocks(masked) if attention else []
     widths = [b.width for b in blocks]
     head_widths = [a.width for a in attention]
     ffn = [torch.ones(w) for w in widths]
@@ -244,13 +246,14 @@ def adapt_prune(ep: ExportedProgram, calibration: Sequence[torch.Tensor], target
             raise IFPError(f"found {len(cos)} decoder layers but {len(widths)} FFN blocks: cannot pair them")
         importance = normalise_importance(cos)
         s_ffn = update_sparsity(s_ffn, importance, target=target, steps=steps, amplitude=amplitude)
-        scores = structure_scores(masked, find_ffn_blocks(masked), method, calibration, module=module, extra=extra)
+        # one pass over the calibration data scores channels and head groups together
+        all_scores = structure_scores(masked, masked_blocks + masked_attention, method, calibration,
+                                      module=module, extra=extra)
+        scores, head_scores = all_scores[:len(widths)], all_scores[len(widths):]
         counts = allocate(widths, s_ffn, _budget(widths, target * t / steps), caps=[int(m.sum()) for m in ffn])
         ffn = masks_for_counts(scores, counts, ffn)
         if attention:
             s_head = update_sparsity(s_head, importance, target=heads_target, steps=steps, amplitude=amplitude)
-            head_scores = structure_scores(masked, find_attention_blocks(masked), method, calibration,
-                                           module=module, extra=extra)
             head_counts = allocate(head_widths, s_head, _budget(head_widths, heads_target * t / steps),
                                    caps=[int(m.sum()) for m in heads])
             heads = masks_for_counts(head_scores, head_counts, heads)

@@ -66,8 +66,7 @@ def eval_main(args: argparse.Namespace) -> int:
     from ..capture import export
     from ..passes import find_ffn_blocks
     from ..progress import status
-    from ..train.data import ByteTokenizer
-    from ..train.trainer import load_model
+    from ..train.trainer import load_model_and_tokenizer
     from .rows import prompt_activation_source, random_source, static_source, uniform_counts
     from .run import calibration, run_eval
 
@@ -78,11 +77,7 @@ def eval_main(args: argparse.Namespace) -> int:
         raise IFPError(f"--out {out} exists and is not a directory")
     if args.predictor and not Path(args.predictor).is_dir():
         raise IFPError(f"--predictor {args.predictor}: no such checkpoint directory")
-    model, tok = load_model(args.model)
-    if args.tokenizer == "bytes":
-        tok = ByteTokenizer(int(model.config.vocab_size))
-    elif tok is None:
-        raise IFPError(f"model {args.model} has no tokenizer files; pass --tokenizer bytes for a test model")
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer)
     with status("exporting the model"):
         program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     widths = [b.width for b in find_ffn_blocks(program)]

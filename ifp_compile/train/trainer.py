@@ -64,6 +64,18 @@ def load_model(model: str):
     return source.torch_model()
 
 
+def load_model_and_tokenizer(model: str, tokenizer: str | None = "model"):
+    """``load_model`` plus the tokenizer choice every command offers: the model's own
+    (``"model"``/None) or bytes (``"bytes"``, for tiny test models without tokenizer files)."""
+    lm, tok = load_model(model)
+    if tokenizer == "bytes":
+        return lm, ByteTokenizer(int(lm.config.vocab_size))
+    if tok is None:
+        raise TrainError(f"model {model} has no tokenizer files; use the byte tokenizer for a test model "
+                         "(--tokenizer bytes, or \"tokenizer\": \"bytes\" in a training config)")
+    return lm, tok
+
+
 def make_predictor(model: nn.Module, widths: list[int], cfg: TrainConfig) -> IFPredictor:
     p = cfg.predictor
     if p.encoder_model is not None:
@@ -146,11 +158,7 @@ def setup(cfg: TrainConfig) -> Setup:
     from ..capture import export
     from ..passes import find_ffn_blocks, insert_masks
 
-    model, tok = load_model(cfg.model)
-    if cfg.tokenizer == "bytes":
-        tok = ByteTokenizer(int(model.config.vocab_size))
-    elif tok is None:
-        raise TrainError(f"model {cfg.model} has no tokenizer files; set \"tokenizer\": \"bytes\" for a test model")
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
     program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     masked = insert_masks(program)
     widths = [b.width for b in find_ffn_blocks(program)]
