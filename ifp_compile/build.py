@@ -461,7 +461,7 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
         ep = source.programs()[0]
         for t in progress(jobs_needed, "writing pt2 programs"):
             small = specialize(ep, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
-            tmp_file = tmps[t.name] / ".program.pt2.tmp"
+            tmp_file = tmps[t.name] / ".program.tmp.pt2"  # torch warns unless the name ends in .pt2
             torch.export.save(small, str(tmp_file))
             os.replace(tmp_file, tmps[t.name] / "program.pt2")
             infos.setdefault(t.name, {})["pt2_parameters"] = _count(small)
