@@ -22,6 +22,7 @@ def test_to_module_equals_specialized_program_and_generates(family):
     attention = ifp.find_attention_blocks(ep)
     heads = [make_mask(a.width, "one", g) for a in attention]
     heads[1] = torch.linspace(0.5, 1.5, attention[1].width)  # soft values fold into o columns
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     small = to_module = ifp.to_module(model, ep, mask=ffn, head_mask=heads)
     program = ifp.specialize(ep, mask=ffn, head_mask=heads)
     with torch.no_grad():
@@ -29,6 +30,10 @@ def test_to_module_equals_specialized_program_and_generates(family):
     assert sum(p.numel() for p in small.parameters()) == ifp.count_parameters(program)
     assert type(small) is type(model)
     assert sum(p.numel() for p in model.parameters()) == ifp.count_parameters(ep)  # source untouched
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    source_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in source_storage for p in small.parameters())  # nothing shared
     prompt = ids[:, :4]  # the program was exported with batch 2
     with torch.no_grad():
         cached = small.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
