@@ -1,6 +1,6 @@
 """Decode speed at batch 1 on SmolLM2-135M-Instruct: is the specialised model really faster?
 
-    python benchmarks/decode.py [--keep 0.5] [--new-tokens 128] [--repeats 3] [--json FILE]
+    python benchmarks/decode.py [--keep 0.5] [--new-tokens 128] [--repeats 3] [--compile] [--json FILE]
 
 Greedy decoding with the KV cache, one decode loop for every row (the same Python
 overhead per token), rows interleaved round-robin and the median of ``--repeats`` runs
@@ -20,6 +20,11 @@ The *ideal* speed-up of the specialised model is the ratio of weight bytes read 
 decoded token (every Linear weight, the LM head included, plus norms): at batch 1 decoding
 is bound by reading weights. Target: specialised/dense >= 0.9 of ideal, and faster than
 every other row.
+
+With ``--compile``, dense and specialised are also timed with ``torch.compile`` of the
+decode step over a static KV cache (most per-step Python overhead gone). The output ends
+with the matrix-vector bandwidth of the FFN shapes at both widths: what keeps the measured
+ratio under the ideal on a CPU.
 
 Then time to first token for a 512-token prompt, split as in the IFPruning paper:
 mask selection (prompt-activation predictor, or an IFPredictor reading the prompt with the
@@ -80,6 +85,50 @@ def decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         tokens.append(int(nxt))
     return tokens, (new_tokens - 1) / (time.perf_counter() - start)
+
+
+class CompiledDecoder:
+    """``torch.compile`` of one decode step over a ``StaticCache`` (fixed shapes: one
+    compilation per model, no recompiles as the cache grows). Removes most of the per-step
+    Python and dispatch overhead, so what is left is reading weights."""
+
+    def __init__(self, model, max_len: int):
+        self.model, self.max_len = model, max_len
+        self.step = torch.compile(self._step, dynamic=False)
+
+    def _step(self, ids, cache, position):
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=position).logits
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        n = ids.shape[1]
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(n)).logits
+        nxt = logits[:, -1:].argmax(-1)
+        tokens = [int(nxt)]
+        start = time.perf_counter()
+        for i in range(new_tokens - 1):
+            nxt = self.step(nxt, cache, torch.tensor([n + i]))[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
+        return tokens, (new_tokens - 1) / (time.perf_counter() - start)
+
+
+def gemv_bandwidth(rows: int, cols: int, layers: int = 30, calls: int = 600) -> float:
+    """GB/s of ``linear(x, W)`` at batch 1 for a [rows, cols] fp32 weight, cycling through
+    ``layers`` distinct weights so none stays in cache: how efficiently this CPU reads a
+    matrix of that shape (the FFN matrices of the specialised model are half as wide)."""
+    ws = [torch.randn(rows, cols) for _ in range(layers)]
+    x = torch.randn(1, cols)
+    with torch.inference_mode():
+        for w in ws:
+            nn.functional.linear(x, w)
+        start = time.perf_counter()
+        for i in range(calls):
+            nn.functional.linear(x, ws[i % layers])
+        dt = (time.perf_counter() - start) / calls
+    return rows * cols * 4 / dt / 1e9
 
 
 class MaskedMLP(nn.Module):
@@ -151,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per row, interleaved; the median counts (default 3)")
     p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for time to first token (default 512)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time dense and specialised decoding with torch.compile over a static KV cache "
+                        "(about 45 s of compilation per model)")
     p.add_argument("--json", help="also write the results as JSON here (ifp-compile report --speed reads it)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -170,16 +222,23 @@ def main(argv=None) -> int:
         "per-token dynamic (gather each step)": with_mlps(model, lambda i, mlp: DynamicMLP(mlp, counts[i])),
     }
     bytes_per_token = {name: weight_bytes_per_token(m) for name, m in rows.items()}
+    runners = {name: (lambda i, n, m=m: decode(m, i, n)) for name, m in rows.items()}
+    if args.compile:
+        for name, base in (("dense, torch.compile", "dense"), ("specialised, torch.compile", "specialised (to_module)")):
+            runners[name] = CompiledDecoder(rows[base], ids.shape[1] + args.new_tokens + 8)
+            bytes_per_token[name] = bytes_per_token[base]
+            with status(f"compiling the decode step: {name}"):
+                runners[name](ids, 8)
     ideal = bytes_per_token["dense"] / bytes_per_token["specialised (to_module)"]
     log(f"{torch.get_num_threads()} threads; prompt {ids.shape[1]} tokens; decoding {args.new_tokens} tokens per run; "
         f"kept FFN channels {sum(counts)}/{sum(b.width for b in blocks)}")
-    speeds: dict[str, list[float]] = {name: [] for name in rows}
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
     tokens: dict[str, list[int]] = {}
-    for name, m in rows.items():  # warm-up: allocator, caches, first-call paths
-        decode(m, ids, 8)
+    for run in runners.values():  # warm-up: allocator, caches, first-call paths
+        run(ids, 8)
     for r in range(args.repeats):
-        for name, m in rows.items():
-            tokens[name], tps = decode(m, ids, args.new_tokens)
+        for name, run in runners.items():
+            tokens[name], tps = run(ids, args.new_tokens)
             speeds[name].append(tps)
             log(f"run {r + 1}/{args.repeats} {name}: {tps:.1f} tokens/s")
     med = {name: statistics.median(v) for name, v in speeds.items()}
@@ -212,7 +271,7 @@ def main(argv=None) -> int:
           f"{ids.shape[1]}-token prompt, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'row':<40}{'tokens/s':>10}{'vs dense':>10}{'weight MB/token':>17}")
     out_rows = []
-    for name in rows:
+    for name in runners:
         ratio = med[name] / med["dense"]
         print(f"{name:<40}{med[name]:>10.1f}{ratio:>9.2f}x{bytes_per_token[name] / 1e6:>17.1f}")
         out_rows.append({"name": name, "tokens_per_s": round(med[name], 2), "ratio_to_dense": round(ratio, 3),
@@ -224,6 +283,21 @@ def main(argv=None) -> int:
           f"= {spec / ideal:.2f} of ideal (target >= 0.9); faster than every other row: {'yes' if fastest else 'NO'}")
     print(f"specialised and masked rows chose the same greedy token at {same}/{args.new_tokens} steps "
           "(same semantics; float summation order differs)")
+    compiled = None
+    if args.compile:
+        compiled = med["specialised, torch.compile"] / med["dense, torch.compile"]
+        print(f"with torch.compile (static KV cache) for both: specialised/dense {compiled:.2f}x = "
+              f"{compiled / ideal:.2f} of ideal; compiled specialised vs eager dense "
+              f"{med['specialised, torch.compile'] / med['dense']:.2f}x")
+    # why not the ideal: how fast this CPU reads the FFN matrices at the two widths
+    d = model.model.layers[0].mlp.gate_proj.weight.shape
+    k = max(counts)
+    shapes = {"gate/up": ((d[0], d[1]), (k, d[1])), "down": ((d[1], d[0]), (d[1], k))}
+    gemv = {role: [round(gemv_bandwidth(*shape), 2) for shape in pair] for role, pair in shapes.items()}
+    print("\nbatch-1 matrix-vector bandwidth on this CPU (GB/s, 30 distinct weights cycled):")
+    for role, (dense_shape, spec_shape) in shapes.items():
+        print(f"  {role:<8} dense {list(dense_shape)} {gemv[role][0]:>6.1f}   specialised {list(spec_shape)} "
+              f"{gemv[role][1]:>6.1f}   ({gemv[role][1] / gemv[role][0] - 1:+.0%})")
     print(f"\ntime to first token, {args.ttft_prompt}-token prompt (median of {args.repeats}), seconds:")
     print(f"{'':<48}{'selection':>10}{'specialise':>11}{'prefill':>9}{'total':>8}")
     for r in ttft:
@@ -235,6 +309,7 @@ def main(argv=None) -> int:
                 "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "ideal_ratio": round(ideal, 3), "measured_ratio": round(spec, 3),
                 "fraction_of_ideal": round(spec / ideal, 3), "rows": out_rows,
+                "compiled_ratio": None if compiled is None else round(compiled, 3), "gemv_gb_per_s": gemv,
                 "ttft": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ttft]}
         atomic_write(Path(args.json), dump_json(data))
     return 0
