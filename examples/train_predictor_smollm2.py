@@ -39,9 +39,10 @@ import torch
 
 from ifp_compile import corpora as domain_corpora  # noqa: E402
 
+from ifp_compile.evaluation.tasks import loss_examples  # noqa: E402
 from ifp_compile.predictors import PromptActivationPredictor  # noqa: E402
 from ifp_compile.progress import status  # noqa: E402
-from ifp_compile.train import Example, config_from_dict, evaluate, load_examples, run, setup  # noqa: E402
+from ifp_compile.train import config_from_dict, evaluate, load_examples, run, setup  # noqa: E402
 from ifp_compile.train.data import encode  # noqa: E402
 from ifp_compile.train.trainer import static_scores  # noqa: E402
 
@@ -51,19 +52,6 @@ TASK_INSTRUCTIONS = {
     "prose": "Write the documentation of a Python library in plain English prose.",
     "math": "Solve this arithmetic word problem step by step and give the answer.",
 }
-
-
-def heldout_examples(tokenizer, domain: str, n: int) -> list[Example]:
-    """n held-out segments of >= 256 tokens: predictor reads 0-64, loss on 64-256."""
-    out, pool = [], domain_corpora.texts(domain, "heldout", 4 * n, min_chars=1600)
-    for text in pool:
-        ids = encode(tokenizer, text)
-        if len(ids) >= TOTAL:
-            ids = ids[:TOTAL]
-            out.append(Example(tuple(ids[:PROMPT]), tuple(ids), (False,) * PROMPT + (True,) * (TOTAL - PROMPT)))
-        if len(out) == n:
-            return out
-    raise SystemExit(f"only {len(out)} held-out {domain} texts have {TOTAL} tokens")
 
 
 def topk_mask(scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
@@ -113,7 +101,7 @@ def main(argv=None) -> int:
     rows: dict[str, dict[str, float]] = {}
     lm = s.loss.lm
     for domain in domain_corpora.DOMAINS:
-        exs = heldout_examples(s.tokenizer, domain, args.eval_segments)
+        exs = loss_examples(s.tokenizer, domain, args.eval_segments, prompt=PROMPT, total=TOTAL)
         with torch.no_grad():
             task_mask = s.predictor(torch.tensor([encode(s.tokenizer, TASK_INSTRUCTIONS[domain])]))
         methods = {
