@@ -150,3 +150,19 @@ def test_prune_command_writes_artifacts(tmp_path, text_file, capsys):
     bad_out = tmp_path / "never"
     assert main([*argv[:6], str(short), "--out", str(bad_out), "--target", "0.5"]) == 2
     assert "too short" in capsys.readouterr().err and not bad_out.exists()
+
+
+def test_unrecognised_attention_prunes_ffn_only_and_says_so():
+    from tests.passes.test_attention import EagerAttention
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (1, 6))
+    ep = ifp.export(EagerAttention(), (ids,))
+    calib = [torch.randint(0, 128, (1, 6)) for _ in range(2)]
+    with pytest.raises(IFPError, match=r"heads target given, but no attention block was recognised.*FFN channels only"):
+        adapt_prune(ep, calib, 0.5, heads_target=0.25)
+    r = adapt_prune(ep, calib, 0.5)  # FFN channels only: still works
+    assert [int(m.sum()) for m in r.ffn_masks] == [8]
+    assert r.head_masks is None
+    small = ifp.specialize(ep, mask=r.ffn_masks)
+    assert ifp.count_parameters(small) == ifp.count_parameters(ep) - 8 * ifp.find_ffn_blocks(ep)[0].params_per_channel()
