@@ -16,6 +16,25 @@ def export_lm(model, batch=2, seq=7, dynamic=False, seed=0):
     return ep, ids
 
 
+def write_build_project(d, masks: dict, tasks: dict):
+    """A build's inputs in ``d``: a tiny Llama saved as ``model.pt2``, one ``<name>.safetensors``
+    per entry of ``masks`` (``ffn.<i>`` arrays) and ``tasks.jsonl`` naming each task's mask file.
+    Returns the exported program and its example ids."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from tests.zoo import hf_model
+
+    ep, ids = export_lm(hf_model("llama"), dynamic=True)
+    torch.export.save(ep, str(d / "model.pt2"))
+    for name, m in masks.items():
+        save_file({f"ffn.{i}": a for i, a in enumerate(m)}, str(d / f"{name}.safetensors"))
+    (d / "tasks.jsonl").write_text("".join(json.dumps({"name": t, "mask": f"{m}.safetensors"}) + "\n"
+                                           for t, m in tasks.items()))
+    return ep, ids
+
+
 def make_mask(width: int, kind: str, g: torch.Generator) -> torch.Tensor:
     """Masks of every shape the compiler must handle."""
     if kind == "all":

@@ -18,8 +18,7 @@ import torch
 
 import ifp_compile as ifp
 from ifp_compile.cli import main
-from tests.helpers import export_lm
-from tests.zoo import hf_model
+from tests.helpers import write_build_project
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,18 +32,12 @@ from ifp_compile.build import BuildError, build, inspect_rows, verify  # noqa: E
 def project(tmp_path_factory):
     """A saved tiny Llama program, three mask files (two tasks share one) and tasks.jsonl."""
     d = tmp_path_factory.mktemp("proj")
-    ep, ids = export_lm(hf_model("llama"), dynamic=True)
-    torch.export.save(ep, str(d / "model.pt2"))
     g = np.random.default_rng(0)
     masks = {
         "m1": [(g.random(64) < 0.5).astype(np.float32), (g.random(64) * 2).astype(np.float32)],
         "m2": [np.ones(64, np.float32), np.zeros(64, np.float32)],
     }
-    for k, m in masks.items():
-        save_file({"ffn.0": m[0], "ffn.1": m[1]}, str(d / f"{k}.safetensors"))
-    lines = [{"name": "alpha", "mask": "m1.safetensors"}, {"name": "beta", "mask": "m2.safetensors"},
-             {"name": "gamma", "mask": "m1.safetensors"}]
-    (d / "tasks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ep, ids = write_build_project(d, masks, {"alpha": "m1", "beta": "m2", "gamma": "m1"})
     return d, ep, ids, masks
 
 

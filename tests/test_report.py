@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import save_file
 
 from ifp_compile.build import build
@@ -21,8 +20,7 @@ from ifp_compile.cli import main
 from ifp_compile.report import ReportError, load_report_data, write_report
 from ifp_compile.report.command import add_arguments, report_main
 from ifp_compile.report.overlap import domain_matrix, jaccard
-from tests.helpers import export_lm
-from tests.zoo import hf_model
+from tests.helpers import write_build_project
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DATA_URI = 'src="data:image/png;base64,'
@@ -35,16 +33,10 @@ DATA_URI = 'src="data:image/png;base64,'
 def build_dir(tmp_path_factory):
     """A real build (pt2 only, to stay fast) of a tiny Llama: three tasks, two share a mask."""
     d = tmp_path_factory.mktemp("build")
-    ep, _ = export_lm(hf_model("llama"), dynamic=True)
-    torch.export.save(ep, str(d / "model.pt2"))
     g = np.random.default_rng(0)
     m1 = [(g.random(64) < 0.5).astype(np.float32), (g.random(64) * 2).astype(np.float32)]
     m2 = [np.ones(64, np.float32), (np.arange(64) < 16).astype(np.float32)]
-    save_file({"ffn.0": m1[0], "ffn.1": m1[1]}, str(d / "m1.safetensors"))
-    save_file({"ffn.0": m2[0], "ffn.1": m2[1]}, str(d / "m2.safetensors"))
-    lines = [{"name": "alpha", "mask": "m1.safetensors"}, {"name": "beta", "mask": "m2.safetensors"},
-             {"name": "gamma", "mask": "m1.safetensors"}]
-    (d / "tasks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_build_project(d, {"m1": m1, "m2": m2}, {"alpha": "m1", "beta": "m2", "gamma": "m1"})
     build(str(d / "model.pt2"), d / "tasks.jsonl", d / "out", formats=("pt2",))
     return d / "out", {"alpha": m1, "beta": m2, "gamma": m1}
 
