@@ -15,6 +15,7 @@ Errors of the user's making (bad arguments, missing files, a program with no FFN
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -184,48 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="a build output directory")
     i.set_defaults(func=_cmd_inspect)
 
-    from .train.__main__ import add_arguments, train_main
-
-    t = sub.add_parser("train", help="train an IFPruning mask predictor (and optionally the LLM)",
-                       description="Joint training through the masked program, per a JSON config "
-                       "(docs/training.md). Resumes from OUT/checkpoint when it exists. For data-parallel "
-                       "runs: torchrun --nproc_per_node N -m ifp_compile.train --config CONFIG.")
-    add_arguments(t)
-    t.set_defaults(func=train_main)
-
-    from .adapt.command import add_arguments as add_prune_arguments
-    from .adapt.command import prune_main
-
-    pr = sub.add_parser("prune", help="Adapt-Pruner: statically prune FFN channels (and key/value heads)",
-                        description="Adaptive layer-wise structural pruning (docs/adapt.md): per-layer sparsity "
-                        "from layer importance, within-layer Taylor or magnitude scores, optional training "
-                        "between pruning steps. Writes OUT/program.pt2 (and model.onnx), masks.safetensors, "
-                        "prune.json.")
-    add_prune_arguments(pr)
-    pr.set_defaults(func=prune_main)
-
-    from .evaluation.command import add_arguments as add_eval_arguments
-    from .evaluation.command import eval_main
-
-    ev = sub.add_parser("eval", help="held-out quality of dense, static and per-task masks at one size",
-                        description="Rows: dense; a static mask (Adapt-Pruner, or uniform magnitude) at the same "
-                        "kept parameters; per-task masks from the prompt-activation predictor and from a trained "
-                        "IFPredictor checkpoint (--predictor); a random mask of the same size. Columns: held-out "
-                        "loss on code (stdlib source), prose (package docstrings) and math (word problems), "
-                        "math exact match, kept parameters; then the share of the static-to-dense gap the "
-                        "per-task masks close. --out DIR writes eval.json and masks.safetensors for "
-                        "ifp-compile report.")
-    add_eval_arguments(ev)
-    ev.set_defaults(func=eval_main)
-
-    from .report.command import add_arguments as add_report_arguments
-    from .report.command import report_main
-
-    rp = sub.add_parser("report", help="a self-contained HTML report of a build or eval directory",
-                        description="Figures (kept width per layer per task, task-by-task mask overlap per "
-                        "layer) and tables (quality, speed) as one HTML file with embedded PNGs.")
-    add_report_arguments(rp)
-    rp.set_defaults(func=report_main)
+    # commands whose arguments (add_arguments) and entry point live in their own module
+    for name, module, entry, help_, description in (
+        ("train", ".train.__main__", "train_main", "train an IFPruning mask predictor (and optionally the LLM)",
+         "Joint training through the masked program, per a JSON config (docs/training.md). Resumes from "
+         "OUT/checkpoint when it exists. For data-parallel runs: torchrun --nproc_per_node N -m "
+         "ifp_compile.train --config CONFIG."),
+        ("prune", ".adapt.command", "prune_main", "Adapt-Pruner: statically prune FFN channels (and key/value heads)",
+         "Adaptive layer-wise structural pruning (docs/adapt.md): per-layer sparsity from layer importance, "
+         "within-layer Taylor or magnitude scores, optional training between pruning steps. Writes "
+         "OUT/program.pt2 (and model.onnx), masks.safetensors, prune.json."),
+        ("eval", ".evaluation.command", "eval_main", "held-out quality of dense, static and per-task masks at one size",
+         "Rows: dense; a static mask (Adapt-Pruner, or uniform magnitude) at the same kept parameters; per-task "
+         "masks from the prompt-activation predictor and from a trained IFPredictor checkpoint (--predictor); "
+         "a random mask of the same size. Columns: held-out loss on code (stdlib source), prose (package "
+         "docstrings) and math (word problems), math exact match, kept parameters; then the share of the "
+         "static-to-dense gap the per-task masks close. --out DIR writes eval.json and masks.safetensors for "
+         "ifp-compile report."),
+        ("report", ".report.command", "report_main", "a self-contained HTML report of a build or eval directory",
+         "Figures (kept width per layer per task, task-by-task mask overlap per layer) and tables (quality, "
+         "speed) as one HTML file with embedded PNGs."),
+    ):
+        mod = importlib.import_module(module, __package__)
+        sp = sub.add_parser(name, help=help_, description=description)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=getattr(mod, entry))
     return p
 
 
