@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
          "ifp_compile.train --config CONFIG."),
         ("prune", ".adapt.command", "prune_main", "Adapt-Pruner: statically prune FFN channels (and key/value heads)",
          "Adaptive layer-wise structural pruning (docs/adapt.md): per-layer sparsity from layer importance, "
-         "within-layer Taylor or magnitude scores, optional training between pruning steps. Writes "
+         "within-layer Taylor, magnitude or activation scores, optional training between pruning steps. Writes "
          "OUT/program.pt2 (and model.onnx), masks.safetensors, prune.json."),
         ("eval", ".evaluation.command", "eval_main", "held-out quality of dense, static and per-task masks at one size",
          "Rows: dense; a static mask (Adapt-Pruner, or uniform magnitude) at the same kept parameters; per-task "
