@@ -65,9 +65,10 @@ def eval_main(args: argparse.Namespace) -> int:
     from ..artifacts import atomic_write, dump_json, replace_dir
     from ..capture import export
     from ..passes import find_ffn_blocks
+    from ..predictors.base import keep_counts
     from ..progress import status
     from ..train.trainer import load_model_and_tokenizer
-    from .rows import prompt_activation_source, random_source, static_source, uniform_counts
+    from .rows import prompt_activation_source, random_source, static_source
     from .run import calibration, run_eval
 
     if args.problems < 0:
@@ -81,7 +82,7 @@ def eval_main(args: argparse.Namespace) -> int:
     with status("exporting the model"):
         program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     widths = [b.width for b in find_ffn_blocks(program)]
-    counts = uniform_counts(widths, args.keep)
+    counts = keep_counts(widths, args.keep)
     log = (lambda msg: print(f"[ifp] {msg}", file=sys.stderr))
     with status(f"static mask ({args.static})"):
         calib = calibration(tok, args.calibration_chunks)

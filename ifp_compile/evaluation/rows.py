@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import IFPError
-from ..predictors.base import keep_counts
 
 MaskFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -79,6 +78,3 @@ def random_source(widths: list[int], counts: list[int], seed: int = 0) -> MaskSo
 
     return MaskSource("random mask", "random", masks_for, per_task=True)
 
-
-def uniform_counts(widths: list[int], keep: float) -> list[int]:
-    return keep_counts(widths, keep)

@@ -16,7 +16,8 @@ import ifp_compile as ifp
 from ifp_compile.cli import main
 from ifp_compile.evaluation import EvalResult, Row, run_eval
 from ifp_compile.evaluation import tasks
-from ifp_compile.evaluation.rows import prompt_activation_source, random_source, static_source, uniform_counts
+from ifp_compile.evaluation.rows import prompt_activation_source, random_source, static_source
+from ifp_compile.predictors.base import keep_counts
 from ifp_compile.evaluation.run import calibration
 from ifp_compile.generate import greedy_generate
 from ifp_compile.train.data import ByteTokenizer
@@ -58,7 +59,7 @@ def tiny():
     tok = ByteTokenizer(int(model.config.vocab_size))
     program = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     widths = [b.width for b in ifp.find_ffn_blocks(program)]
-    counts = uniform_counts(widths, 0.5)
+    counts = keep_counts(widths, 0.5)
     sources = [static_source(program, calibration(tok, 3), 0.5, "adapt", "taylor"),
                prompt_activation_source(program, counts), random_source(widths, counts)]
     result = run_eval(model, tok, program, sources, model_name="tiny", keep=0.5, segments=2, problems=2,
