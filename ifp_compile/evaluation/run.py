@@ -188,11 +188,11 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
             ids = tasks.prompt_ids(tokenizer, tasks.math_prompt(question))
             right[0] += tasks.is_correct(_generate(model, tokenizer, ids, max_new_tokens), answer)
             for j, src in enumerate(sources):
-                if src.per_task or j not in static_models:
+                small = static_models.get(j)
+                if small is None:
                     small = to_module(src.model or model, src.program or program, mask=src.masks_for(ids))
                     if not src.per_task:
                         static_models[j] = small
-                small = small if src.per_task else static_models[j]
                 right[j + 1] += tasks.is_correct(_generate(small, tokenizer, ids, max_new_tokens), answer)
         for r, k in zip(rows, right):
             r.math_accuracy = k / len(qs)
