@@ -159,12 +159,17 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, hea
     info = graph._codegen.pytree_info
     arg_names = list(info.orig_args)
 
-    with graph.inserting_after(placeholders[-1]):
+    # new inputs are positional: their placeholders follow the positional ones (the flat
+    # input order is positional leaves, then keyword leaves)
+    n_positional = len(pytree.tree_leaves(tuple(example_args)))
+    anchor = placeholders[n_positional - 1] if n_positional else placeholders[0]
+    place = graph.inserting_after if n_positional else graph.inserting_before
+    with place(anchor):
         if predictor is None:
             mask_values = []
-            prev = placeholders[-1]
+            prev = None
             for b in blocks:  # in block order: the flat input order is the list order
-                with graph.inserting_after(prev):
+                with graph.inserting_after(prev) if prev is not None else place(anchor):
                     prev = graph.placeholder(f"{MASK_INPUT_PREFIX}_{b.index}")
                 mask_values.append(prev)
             extra_name, extra_example = MASK_INPUT_PREFIX, [torch.ones(b.width) for b in blocks]
@@ -178,7 +183,8 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, hea
             instr = graph.placeholder(INSTRUCTION_INPUT)
             _tie_shared_storage(gm, predictor)
             gm.add_submodule("predictor", predictor)
-            with graph.inserting_after(instr):
+            last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(last_placeholder):
                 out = graph.call_module("predictor", (instr,))
             mask_values = []
             prev = out
@@ -204,10 +210,14 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, hea
             o.replace_input_with(o_in, masked)
 
     new_args = tuple(example_args) + (extra_example,)
-    new_names = arg_names + [extra_name]
+    added = [extra_name]
     if attention:
         new_args += ([torch.ones(a.num_kv_heads) for a in attention],)
-        new_names.append(HEAD_MASK_PREFIX)
+        added.append(HEAD_MASK_PREFIX)
+    # the generated forward() takes the positional inputs first, then the keyword ones:
+    # the new inputs are positional, so they go between the two
+    n_pos = len(example_args)
+    new_names = arg_names[:n_pos] + added + arg_names[n_pos:]
     graph._codegen.pytree_info = info._replace(
         orig_args=new_names,
         in_spec=pytree.tree_structure((new_args, dict(example_kwargs))),

@@ -145,3 +145,31 @@ def test_predictor_with_wrong_outputs_is_refused():
     wrong_width = FixedPredictor([64, 63])
     with pytest.raises(ifp.IFPError, match=r"FFN block 1 .* has shape \(63,\), expected \(64,\)"):
         ifp.insert_masks(ep, predictor=wrong_width)
+
+
+class _KeywordInputs(torch.nn.Module):
+    """A model exported with keyword inputs: the mask inputs must go between the positional
+    and the keyword ones in the generated forward()."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = hf_model("llama")
+
+    def forward(self, input_ids, *, scale):
+        return self.lm(input_ids=input_ids).logits * scale
+
+
+def test_masks_are_inserted_into_a_program_with_keyword_inputs():
+    model = _KeywordInputs().eval()
+    ids, scale = torch.randint(0, 100, (1, 5)), torch.tensor(2.0)
+    ep = torch.export.export(model, (ids,), {"scale": scale}, strict=False)
+    masked = ifp.insert_masks(ep)
+    blocks = ifp.find_ffn_blocks(ep)
+    g = torch.Generator().manual_seed(3)
+    masks = [make_mask(b.width, "binary", g) for b in blocks]
+    small = ifp.specialize(masked, mask=masks)
+    with torch.no_grad():
+        ref = masked.module()(ids, masks, scale=scale)
+        torch.testing.assert_close(small.module()(ids, scale=scale), ref, rtol=1e-5, atol=1e-6)
+        ones = [torch.ones(b.width) for b in blocks]
+        assert torch.equal(masked.module()(ids, ones, scale=scale), ep.module()(ids, scale=scale))
