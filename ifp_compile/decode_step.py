@@ -1,0 +1,133 @@
+"""Decode-step programs: new tokens in, logits out, a static KV cache inside the program.
+
+``ifp.export`` captures ``input_ids -> logits`` over the whole prefix: the right shape for
+the masked reference and the specialisation proofs, but decoding with it re-runs the
+prefix for every token. A decode-step program holds the KV cache as buffers that each
+call updates in place (the ExecuTorch recipe, built here on transformers'
+``TorchExportableModuleWithStaticCache``), so a call costs only its new tokens. It is
+an ordinary ExportedProgram: ``find_ffn_blocks`` finds the same blocks in it,
+``insert_masks`` gives its masked reference and ``specialize`` shrinks it, so a task's
+artifact can be a program that decodes at the speed of a small dense model.
+
+The inputs are positional ``(input_ids [1, n], cache_position [n])``; ``n`` is dynamic
+(1 to ``max_cache_len``) unless ``prompt_chunks=False``, which gives a one-token step
+(what a minimal runtime such as ExecuTorch's simple runner calls).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from .capture import is_hf_causal_lm
+from .errors import InstructionError, ProgramError
+from .progress import status
+
+
+class _Step(nn.Module):
+    """Positional ``(input_ids, cache_position) -> logits`` over transformers' static-cache
+    wrapper (which takes keywords only): positional inputs are what ``insert_masks`` and
+    ONNX export expect."""
+
+    def __init__(self, wrapper: nn.Module):
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.wrapper(input_ids=input_ids, cache_position=cache_position)
+
+
+def export_decode_step(model: nn.Module, max_cache_len: int, *, prompt_chunks: bool = True) -> ExportedProgram:
+    """Export one decoding step of the Hugging Face causal LM ``model`` with a static KV
+    cache of ``max_cache_len`` positions (batch 1)."""
+    if not is_hf_causal_lm(model):
+        raise ProgramError(
+            f"export_decode_step() needs a transformers causal LM (a KV cache it knows how to build); "
+            f"got {type(model).__name__}"
+        )
+    if not isinstance(max_cache_len, int) or max_cache_len < 2:
+        raise ProgramError(f"max_cache_len must be an integer >= 2, got {max_cache_len!r}")
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    gen = model.generation_config
+    saved = gen.cache_implementation
+    was_training = model.training
+    model.eval()
+    gen.cache_implementation = "static"  # the wrapper insists on it; restored below
+    try:
+        step = _Step(TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len))
+        n = 2 if prompt_chunks else 1
+        example = (torch.zeros(1, n, dtype=torch.long), torch.arange(n))
+        dynamic = None
+        if prompt_chunks:
+            seq = torch.export.Dim("tokens", min=1, max=max_cache_len)
+            dynamic = ({1: seq}, {0: seq})
+        with status(f"exporting a decode step of {type(model).__name__} (KV cache of {max_cache_len})"), torch.no_grad():
+            return torch.export.export(step, example, dynamic_shapes=dynamic, strict=False)
+    finally:
+        gen.cache_implementation = saved
+        model.train(was_training)
+
+
+def max_cache_len(program: ExportedProgram) -> int:
+    """The KV-cache length a decode-step program was exported with."""
+    for spec in program.graph_signature.input_specs:
+        if spec.target is not None and spec.target.endswith("key_cache_0"):
+            return int(program.state_dict.get(spec.target, program.constants.get(spec.target)).shape[2])
+    raise ProgramError("not a decode-step program: no KV-cache buffer key_cache_0 (made by export_decode_step)")
+
+
+def _one_token_only(program: ExportedProgram) -> bool:
+    first = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+    return first.meta["val"].shape[1] == 1
+
+
+class StepDecoder:
+    """Greedy decoding with a decode-step program, or with a callable built from one
+    (``torch.compile(program.module())``): the caller chooses the runtime, the loop and
+    the cache bookkeeping are the same for every program compared.
+
+    ``extra`` are appended to every call (e.g. the ``ffn_masks`` of a masked program).
+    """
+
+    def __init__(self, program: ExportedProgram, run=None, extra: tuple = ()):
+        self.length = max_cache_len(program)
+        self.one_token = _one_token_only(program)
+        self.module = program.module()
+        self.run = run(self.module) if run is not None else self.module
+        self.extra = tuple(extra)
+
+    def _call(self, fn, ids: torch.Tensor, start: int) -> torch.Tensor:
+        return fn(ids, torch.arange(start, start + ids.shape[1]), *self.extra)
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: torch.Tensor, new_tokens: int, eos_token_id: int | None = None) -> tuple[list[int], float]:
+        """The greedy continuation of ``prompt_ids`` ([1, T]) and the decode speed in tokens/s
+        (the prompt is not timed: prefill runs uncompiled, in one call unless the program
+        takes one token at a time)."""
+        if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
+            raise InstructionError(f"prompt_ids must be [1, T] with T >= 1, got shape {list(prompt_ids.shape)}")
+        t = prompt_ids.shape[1]
+        if t + new_tokens - 1 > self.length:
+            raise InstructionError(
+                f"{t} prompt + {new_tokens} new tokens need {t + new_tokens - 1} cache positions; "
+                f"the program's KV cache holds {self.length}"
+            )
+        if self.one_token:
+            for i in range(t):
+                logits = self._call(self.module, prompt_ids[:, i:i + 1], i)
+        else:
+            logits = self._call(self.module, prompt_ids, 0)
+        nxt = logits[:, -1:].argmax(-1)
+        tokens = [int(nxt)]
+        start = time.perf_counter()
+        for i in range(new_tokens - 1):
+            if eos_token_id is not None and tokens[-1] == eos_token_id:
+                break
+            nxt = self._call(self.run, nxt, t + i)[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
+        elapsed = time.perf_counter() - start
+        return tokens, (len(tokens) - 1) / elapsed if elapsed > 0 else float("inf")
