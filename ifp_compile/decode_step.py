@@ -72,12 +72,41 @@ def export_decode_step(model: nn.Module, max_cache_len: int, *, prompt_chunks: b
         model.train(was_training)
 
 
+def _cache_placeholders(program: ExportedProgram) -> list:
+    """Placeholders of the state the program updates in place (KV cache and its length).
+
+    The transformers wrapper registers the cache as buffers, but the cache object's own
+    references are what the export sees: they are lifted as constant tensors that the
+    graph updates with ``index_copy_``/``copy_``. Either way they are the first argument
+    of an in-place op on a placeholder, which is how they are found here.
+    """
+    found = []
+    for n in program.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable:
+            target = n.args[0]
+            if isinstance(target, torch.fx.Node) and target.op == "placeholder" and target not in found:
+                found.append(target)
+    return found
+
+
 def max_cache_len(program: ExportedProgram) -> int:
     """The KV-cache length a decode-step program was exported with."""
-    for spec in program.graph_signature.input_specs:
-        if spec.target is not None and spec.target.endswith("key_cache_0"):
-            return int(program.state_dict.get(spec.target, program.constants.get(spec.target)).shape[2])
-    raise ProgramError("not a decode-step program: no KV-cache buffer key_cache_0 (made by export_decode_step)")
+    for n in program.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.index_copy_.default and n.args[0].op == "placeholder":
+            return int(n.args[0].meta["val"].shape[2])
+    raise ProgramError("not a decode-step program: no KV cache updated in place "
+                       "(an index_copy_ into a [batch, heads, positions, head_dim] tensor; see export_decode_step)")
+
+
+def _own_state(module: nn.Module, program: ExportedProgram) -> None:
+    """Give ``module`` private copies of the cache tensors: programs derived from one
+    export (dense, masked, specialised) share them otherwise, and two decoders running
+    at once would overwrite each other's cache."""
+    specs = {s.arg.name: s for s in program.graph_signature.input_specs}
+    for ph in _cache_placeholders(program):
+        owner, _, attr = specs[ph.name].target.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        setattr(holder, attr, getattr(holder, attr).clone())
 
 
 def _one_token_only(program: ExportedProgram) -> bool:
@@ -97,6 +126,7 @@ class StepDecoder:
         self.length = max_cache_len(program)
         self.one_token = _one_token_only(program)
         self.module = program.module()
+        _own_state(self.module, program)
         self.run = run(self.module) if run is not None else self.module
         self.extra = tuple(extra)
 

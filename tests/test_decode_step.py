@@ -72,6 +72,8 @@ def test_greedy_decoding_matches_generate_for_both_step_shapes(llama):
     # a second generation from the same program overwrites the cache: same tokens again
     decoder = StepDecoder(step)
     assert decoder.greedy(ids, 8)[0] == decoder.greedy(ids, 8)[0] == expected
+    # the benchmark's runtime: decode steps through torch.compile, the prompt uncompiled
+    assert StepDecoder(step, run=lambda m: torch.compile(m, dynamic=False)).greedy(ids, 8)[0] == expected
 
 
 def test_bad_input_is_refused_with_a_message(llama):
@@ -88,3 +90,18 @@ def test_bad_input_is_refused_with_a_message(llama):
         StepDecoder(step).greedy(torch.zeros(2, 3, dtype=torch.long), 2)
     with pytest.raises(ifp.ProgramError, match="not a decode-step program"):
         max_cache_len(export_lm(model)[0])
+
+
+def test_decoders_of_programs_sharing_an_export_do_not_share_a_cache(llama):
+    model, step, _ = llama
+    g = torch.Generator().manual_seed(2)
+    a_ids, b_ids = torch.randint(0, 100, (1, 6), generator=g), torch.randint(0, 100, (1, 4), generator=g)
+    small = ifp.specialize(step, mask=[torch.ones(b.width) for b in ifp.find_ffn_blocks(step)])
+    a, b = StepDecoder(step), StepDecoder(small)
+    with torch.no_grad():
+        a._call(a.module, a_ids, 0)
+        b._call(b.module, b_ids, 0)  # would overwrite a's cache positions 0-3 if shared
+        nxt = torch.tensor([[7]])
+        got = a._call(a.module, nxt, 6)[0, -1]
+        want = model(torch.cat([a_ids, nxt], 1)).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
