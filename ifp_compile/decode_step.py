@@ -140,6 +140,8 @@ class StepDecoder:
         takes one token at a time)."""
         if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
             raise InstructionError(f"prompt_ids must be [1, T] with T >= 1, got shape {list(prompt_ids.shape)}")
+        if not isinstance(new_tokens, int) or new_tokens < 1:
+            raise InstructionError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
         t = prompt_ids.shape[1]
         if t + new_tokens - 1 > self.length:
             raise InstructionError(

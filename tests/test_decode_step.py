@@ -88,6 +88,8 @@ def test_bad_input_is_refused_with_a_message(llama):
         StepDecoder(step).greedy(torch.zeros(1, 12, dtype=torch.long), 6)
     with pytest.raises(ifp.InstructionError, match="prompt_ids must be \\[1, T\\]"):
         StepDecoder(step).greedy(torch.zeros(2, 3, dtype=torch.long), 2)
+    with pytest.raises(ifp.InstructionError, match="new_tokens must be an integer >= 1, got 0"):
+        StepDecoder(step).greedy(torch.zeros(1, 3, dtype=torch.long), 0)
     with pytest.raises(ifp.ProgramError, match="not a decode-step program"):
         max_cache_len(export_lm(model)[0])
 
