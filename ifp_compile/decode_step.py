@@ -2,8 +2,8 @@
 
 ``ifp.export`` captures ``input_ids -> logits`` over the whole prefix: the right shape for
 the masked reference and the specialisation proofs, but decoding with it re-runs the
-prefix for every token. A decode-step program holds the KV cache as buffers that each
-call updates in place (the ExecuTorch recipe, built here on transformers'
+prefix for every token. A decode-step program holds the KV cache as state tensors that
+each call updates in place (the ExecuTorch recipe, built here on transformers'
 ``TorchExportableModuleWithStaticCache``), so a call costs only its new tokens. It is
 an ordinary ExportedProgram: ``find_ffn_blocks`` finds the same blocks in it,
 ``insert_masks`` gives its masked reference and ``specialize`` shrinks it, so a task's
@@ -24,6 +24,7 @@ from torch.export import ExportedProgram
 
 from .capture import is_hf_causal_lm
 from .errors import InstructionError, ProgramError
+from .graph_utils import user_input_nodes
 from .progress import status
 
 
@@ -90,12 +91,13 @@ def _cache_placeholders(program: ExportedProgram) -> list:
 
 
 def max_cache_len(program: ExportedProgram) -> int:
-    """The KV-cache length a decode-step program was exported with."""
-    for n in program.graph.nodes:
-        if n.op == "call_function" and n.target is torch.ops.aten.index_copy_.default and n.args[0].op == "placeholder":
-            return int(n.args[0].meta["val"].shape[2])
+    """The KV-cache length a decode-step program was exported with: the positions axis of
+    its [batch, heads, positions, head_dim] cache tensors."""
+    for ph in _cache_placeholders(program):
+        if ph.meta["val"].ndim == 4:
+            return int(ph.meta["val"].shape[2])
     raise ProgramError("not a decode-step program: no KV cache updated in place "
-                       "(an index_copy_ into a [batch, heads, positions, head_dim] tensor; see export_decode_step)")
+                       "(a [batch, heads, positions, head_dim] tensor; see export_decode_step)")
 
 
 def _own_state(module: nn.Module, program: ExportedProgram) -> None:
@@ -110,8 +112,7 @@ def _own_state(module: nn.Module, program: ExportedProgram) -> None:
 
 
 def _one_token_only(program: ExportedProgram) -> bool:
-    first = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
-    return first.meta["val"].shape[1] == 1
+    return user_input_nodes(program)[0].meta["val"].shape[1] == 1
 
 
 class StepDecoder:

@@ -1,8 +1,9 @@
 """Greedy decoding with an exported program (no KV cache).
 
-The programs ifp-compile produces are logits-only (``input_ids -> logits``), so decoding
+The programs ``ifp.export`` produces are logits-only (``input_ids -> logits``), so decoding
 re-runs the whole prefix each step. That is quadratic, but for the short answers of the
 demo it costs a second or two, and it runs the *exact* program that would be shipped.
+For decoding at speed, ``decode_step`` exports a step with the KV cache inside.
 """
 
 from __future__ import annotations
