@@ -200,10 +200,13 @@ class _Folder:
             ph = self.nodes[ps.placeholder]
             spec = self.specs[ps.placeholder]
             source = state_tensor(self.program, spec)
+            idx = _kept_index(ps, keep) if isinstance(ps, ParamSlice) else ps.index(keep)
+            if (scale is None or ps.role != scaled_role) and idx.numel() == source.shape[ps.axis] and bool(
+                    (idx == torch.arange(idx.numel())).all()):
+                continue  # everything kept, unscaled: the source's tensor, shared, not a copy
             if ps.key in block.shared_params:
                 ph = self._private_placeholder(block, ph, ps.key, owners)
                 spec = self.specs[ph.name]
-            idx = _kept_index(ps, keep) if isinstance(ps, ParamSlice) else ps.index(keep)
             sliced = source.index_select(ps.axis, idx)
             if ps.role == scaled_role and scale is not None:
                 if isinstance(ps, HeadSlice):  # one value per group, repeated over its positions

@@ -124,6 +124,24 @@ def test_unsliced_parameters_are_shared_and_source_is_untouched():
     assert len(masked.graph.nodes) == n_nodes
 
 
+def test_a_fully_kept_block_shares_its_weights():
+    """All channels kept at 1.0: nothing to slice, so no copy (a build stores no FFN weights
+    for that block). All kept but scaled: only the down projection, which carries the scale,
+    is new."""
+    lm = hf_model("llama")
+    ep, ids = export_lm(lm)
+    blocks = ifp.find_ffn_blocks(ep)
+    assert len(blocks) == 2
+    scaled = torch.linspace(0.5, 1.5, blocks[1].width)
+    small = ifp.specialize(ep, mask=[torch.ones(blocks[0].width), scaled])
+    shared = {k for k, v in small.state_dict.items() if v.data_ptr() == ep.state_dict[k].data_ptr()}
+    assert {p.key for p in blocks[0].params} <= shared
+    assert [p.role for p in blocks[1].params if p.key not in shared] == ["down"]
+    with torch.no_grad():
+        ref = ifp.insert_masks(ep).module()(ids, [torch.ones(blocks[0].width), scaled])
+        torch.testing.assert_close(small.module()(ids), ref, rtol=1e-5, atol=2e-5)
+
+
 def test_specialized_program_saves_loads_and_is_dynamic(tmp_path):
     lm = hf_model("gpt2")
     ep, ids = export_lm(lm, dynamic=True)
