@@ -4,17 +4,21 @@ Layout of a build directory (see ``build.py`` for how it is filled)::
 
     DIR/index.json                    every task: artifact dir, kept parameters, mask hash
     DIR/base/model.onnx, weights.bin  the base model, written once per base model hash
+    DIR/base/parameters.safetensors   with pt2: the base program's parameters, once
     DIR/base/manifest.json            sha256 and offset of every base tensor
     DIR/tasks/<name>/model.onnx       the specialised graph
     DIR/tasks/<name>/base.bin         hard link to DIR/base/weights.bin (no extra disk)
     DIR/tasks/<name>/ffn.bin          only this task's sliced FFN weights
-    DIR/tasks/<name>/program.pt2      optional, self-contained torch.export archive
+    DIR/tasks/<name>/program.pt2      with pt2: the specialised program, parameters left out
+    DIR/tasks/<name>/program.ffn.safetensors   its own (sliced FFN) parameters
+    DIR/tasks/<name>/program.base.safetensors  hard link to DIR/base/parameters.safetensors
     DIR/tasks/<name>/manifest.json    inputs, hashes of every file, parameter counts
 
 Why a hard link: ONNX Runtime and ``onnx.load`` refuse external data outside the
 model's directory (``../base`` is rejected), so each task directory must contain the
 base weights; a hard link costs no disk and keeps every task directory self-contained.
-Where hard links are impossible the file is copied and the manifest says so.
+Where hard links are impossible the file is copied and the manifest says so. The pt2
+program shares the base the same way (``program_weights`` says how).
 
 Every file is written to a temporary name and renamed (atomic); a task directory is
 assembled under a temporary name and renamed into place, so a killed build never leaves
@@ -36,6 +40,9 @@ from .errors import IFPError
 
 ALIGN = 64
 INLINE_BYTES = 1024  # smaller tensors stay in the protobuf
+BASE_PARAMETERS = "parameters.safetensors"  # in DIR/base
+PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "base": "program.base.safetensors"}
+SHARED_FILES = frozenset({"base.bin", PT2_FILES["base"]})  # hard links to the base: no disk of their own
 
 
 class ArtifactError(IFPError):
@@ -230,6 +237,30 @@ def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str
     return {"base_linked": linked, "own_weight_bytes": own, "files": files}
 
 
+def write_task_pt2(small, base_program, directory: Path, base_dir: Path, base_sha256: str) -> dict[str, Any]:
+    """Write a specialised program into a (temporary) task directory, sharing the base.
+
+    ``program.pt2`` holds the graph with its parameters left out; the parameters that are
+    not the base program's (the sliced FFN weights) go to ``program.ffn.safetensors``; the
+    rest are read from ``program.base.safetensors``, a hard link to the base's file.
+    """
+    import torch
+
+    from .program_weights import own_parameters, weightless, write_parameters
+
+    linked = link_or_copy(base_dir / BASE_PARAMETERS, directory / PT2_FILES["base"])
+    own = own_parameters(small, base_program)
+    files = {PT2_FILES["own"]: write_parameters(own, directory / PT2_FILES["own"]),
+             PT2_FILES["base"]: base_sha256}
+    tmp = directory / ".program.tmp.pt2"  # torch warns unless the name ends in .pt2
+    torch.export.save(weightless(small), str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / PT2_FILES["program"])
+    files[PT2_FILES["program"]] = sha256_file(directory / PT2_FILES["program"])
+    return {"pt2_base_linked": linked, "pt2_own_weight_bytes": sum(t.nbytes for t in own.values()), "files": files}
+
+
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
     return {n: sha256_file(directory / n) for n in sorted(names)}
 
@@ -296,7 +327,8 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
     """Load a task artifact after checking every sha256.
 
     ``format="onnx"`` returns an ``onnx.ModelProto`` (external data loaded);
-    ``format="pt2"`` returns the ExportedProgram (``torch.export.load``, no pickle).
+    ``format="pt2"`` returns the ExportedProgram (``torch.export.load``, no pickle), its
+    parameters bound from the task's own file and then the base's.
     """
     path = Path(path)
     manifest = verify_artifact(path) if verify else json.loads((path / "manifest.json").read_text())
@@ -311,7 +343,11 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
     if format == "pt2":
         import torch
 
-        if "program.pt2" not in manifest["files"]:
+        from .program_weights import bind_parameters, read_parameters
+
+        if PT2_FILES["program"] not in manifest["files"]:
             raise ArtifactError(f"{path}: no pt2 program in this artifact (formats: {manifest['formats']})")
-        return torch.export.load(str(path / "program.pt2"))
+        program = torch.export.load(str(path / PT2_FILES["program"]))
+        sources = [(str(path / PT2_FILES[k]), read_parameters(path / PT2_FILES[k])) for k in ("own", "base")]
+        return bind_parameters(program, *sources)
     raise ArtifactError(f"unknown artifact format {format!r} (onnx or pt2)")

@@ -34,6 +34,8 @@ import numpy as np
 
 from . import __version__
 from .artifacts import (
+    BASE_PARAMETERS,
+    SHARED_FILES,
     ArtifactError,
     atomic_write,
     dump_json,
@@ -44,6 +46,7 @@ from .artifacts import (
     verify_artifact,
     write_base,
     write_task_onnx,
+    write_task_pt2,
 )
 from .errors import IFPError, MaskError
 from .progress import progress, status
@@ -313,20 +316,40 @@ def _up_to_date(task_dir: Path, key: dict) -> bool:
         return False
 
 
-def _ensure_base(out: Path, source: Source, base_hash: str) -> dict:
+def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, ...]) -> dict:
+    """``DIR/base``: what no task changes, written once per base model hash and format.
+
+    A later build that adds a format adds that part: the files already there are
+    hard-linked into the new base directory, so task links into them stay valid.
+    """
     base = out / "base"
-    manifest = base / "manifest.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if data.get("base_model_sha256") == base_hash and (base / "weights.bin").is_file():
-            return data
+    data: dict = {}
+    if (base / "manifest.json").is_file():
+        data = json.loads((base / "manifest.json").read_text())
+        if data.get("base_model_sha256") != base_hash or not all((base / f).is_file() for f in data.get("files", {})):
+            data = {}
+    need_onnx = "onnx" in formats and "weights.bin" not in data.get("files", {})
+    need_pt2 = "pt2" in formats and BASE_PARAMETERS not in data.get("files", {})
+    if not (need_onnx or need_pt2):
+        return data
     tmp = out / f".tmp-base-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with status("writing the shared base weights"):
-        table = write_base(source.onnx(), tmp)
-    data = {"base_model_sha256": base_hash, "model": str(source.model), "tensors": table,
-            "files": file_hashes(tmp, ["model.onnx", "weights.bin"]), "tool_version": __version__}
+    files = dict(data.get("files", {}))
+    for name in files:
+        link_or_copy(base / name, tmp / name)
+    data = {"base_model_sha256": base_hash, "model": str(source.model), "tensors": data.get("tensors", {}),
+            "files": files, "tool_version": __version__}
+    if need_onnx:
+        with status("writing the shared base weights (ONNX)"):
+            data["tensors"] = write_base(source.onnx(), tmp)
+        files.update(file_hashes(tmp, ["model.onnx", "weights.bin"]))
+    if need_pt2:
+        from .program_weights import parameters, write_parameters
+
+        with status("writing the shared base parameters (pt2)"):
+            files[BASE_PARAMETERS] = write_parameters(parameters(source.programs()[0]), tmp / BASE_PARAMETERS)
+    data["files"] = dict(sorted(files.items()))
     atomic_write(tmp / "manifest.json", dump_json(data))
     replace_dir(tmp, base)
     return data
@@ -416,7 +439,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
             # every mask is computed and checked before anything is written
             masks = {t.name: source.masks_for(t) for t in progress(todo, "computing masks")}
             try:
-                base = _ensure_base(out, source, base_hash) if "onnx" in formats else {}
+                base = _ensure_base(out, source, base_hash, formats)
                 _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report)
             except OSError as e:  # a full disk, permissions: no partial task stays behind
                 for leftover in out.glob(".tmp-*"):
@@ -461,10 +484,11 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
         ep = source.programs()[0]
         for t in progress(jobs_needed, "writing pt2 programs"):
             small = specialize(ep, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
-            tmp_file = tmps[t.name] / ".program.tmp.pt2"  # torch warns unless the name ends in .pt2
-            torch.export.save(small, str(tmp_file))
-            os.replace(tmp_file, tmps[t.name] / "program.pt2")
-            infos.setdefault(t.name, {})["pt2_parameters"] = _count(small)
+            info = write_task_pt2(small, ep, tmps[t.name], out / "base", base["files"][BASE_PARAMETERS])
+            info["pt2_parameters"] = _count(small)
+            entry = infos.setdefault(t.name, {})
+            entry.setdefault("files", {}).update(info.pop("files"))
+            entry.update(info)
     for t in todo:
         owner = first[digests[t.name]]
         tmp = tmps[t.name]
@@ -511,6 +535,7 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
         "files": {n: known.get(n) or sha256_file(tmp / n) for n in files},
         "tool_version": __version__,
     }
+    manifest.update({k: info[k] for k in ("pt2_own_weight_bytes", "pt2_base_linked") if k in info})
     atomic_write(tmp / "manifest.json", dump_json(manifest))
 
 
@@ -548,7 +573,7 @@ def inspect_rows(out) -> list[dict]:
     for name in sorted(json.loads((out / "index.json").read_text())["tasks"]):
         d = out / "tasks" / name
         m = json.loads((d / "manifest.json").read_text())
-        own = sum((d / f).stat().st_size for f in m["files"] if f != "base.bin")
+        own = sum((d / f).stat().st_size for f in m["files"] if f not in SHARED_FILES)
         kept, total = sum(m["kept_channels"]), sum(m["widths"])
         params = m["parameters"].get("pt2_parameters") or m["parameters"].get("onnx_initializer_scalars")
         rows.append({"task": name, "kept": f"{kept}/{total} ({100 * kept / total:.1f}%)", "parameters": params,

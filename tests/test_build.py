@@ -66,6 +66,11 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
         onnx.checker.check_model(proto, full_check=True)
         prog = load_artifact(out / "tasks" / name, format="pt2")
         torch.testing.assert_close(prog.module()(ids), ref, rtol=0, atol=0)
+        # the archive alone holds no parameters: loaded without them it refuses to run
+        bare = torch.export.load(str(out / "tasks" / name / "program.pt2"))
+        assert all(p.device.type == "meta" for p in bare.parameters())
+        with pytest.raises(RuntimeError, match="meta"):
+            bare.module()(ids)
         manifest = json.loads((out / "tasks" / name / "manifest.json").read_text())
         assert manifest["kept_channels"] == [int(np.count_nonzero(x)) for x in masks[key]]
         assert manifest["parameters"]["pt2_parameters"] == ifp.count_parameters(ifp.specialize(ep, mask=m))
@@ -78,6 +83,22 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
     a, g = out / "tasks" / "alpha", out / "tasks" / "gamma"
     assert (a / "ffn.bin").stat().st_ino == (g / "ffn.bin").stat().st_ino
     assert (a / "base.bin").stat().st_ino == (out / "base" / "weights.bin").stat().st_ino
+    assert (a / "program.ffn.safetensors").stat().st_ino == (g / "program.ffn.safetensors").stat().st_ino
+    assert (a / "program.base.safetensors").stat().st_ino == (out / "base" / "parameters.safetensors").stat().st_ino
+    # the pt2 program's own parameters are what specialisation changed, nothing else. alpha:
+    # block 0 sliced, block 1 keeps all 64 channels at soft scales (only W_down carries them);
+    # beta: block 0 kept whole at 1.0 (the base's tensors), block 1 removed
+    from ifp_compile.program_weights import read_parameters
+
+    k0 = int(np.count_nonzero(masks["m1"][0]))
+    for name, expected in [("alpha", {"0.mlp.gate": k0 * 32, "0.mlp.up": k0 * 32, "0.mlp.down": k0 * 32,
+                                      "1.mlp.down": 64 * 32}), ("beta", {})]:
+        own = read_parameters(out / "tasks" / name / "program.ffn.safetensors")
+        assert {k: v.numel() for k, v in own.items()} == {f"lm.model.layers.{k}_proj.weight": n
+                                                          for k, n in expected.items()}
+        own_scalars = sum(expected.values())
+        manifest = json.loads((out / "tasks" / name / "manifest.json").read_text())
+        assert manifest["pt2_own_weight_bytes"] == 4 * own_scalars and manifest["pt2_base_linked"]
     # own bytes: the sliced FFN weights only
     index = json.loads((out / "index.json").read_text())
     assert sorted(index["tasks"]) == ["alpha", "beta", "gamma"]
@@ -102,6 +123,11 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
 
 def test_build_is_deterministic_and_incremental(project, tmp_path):
     d, *_ = project
+    both = ("onnx", "pt2")
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "pt2", formats=both)
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "pt2-again", formats=both)
+    one, two = files_of(tmp_path / "pt2"), files_of(tmp_path / "pt2-again")
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one), "builds differ"
     build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "one")
     build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "two")
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
@@ -119,6 +145,25 @@ def test_build_is_deterministic_and_incremental(project, tmp_path):
     # --only builds one task
     report = build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "three", only="beta")
     assert report.built == ["beta"] and sorted(json.loads((tmp_path / "three" / "index.json").read_text())["tasks"]) == ["beta"]
+
+
+def test_a_later_build_adds_a_format_to_the_base(project, tmp_path):
+    """ONNX first, then ONNX and pt2: the base gains the pt2 parameters, keeps its ONNX
+    files (same inode, so the first tasks' links stay valid) and ends as a both-format build."""
+    d, ep, ids, masks = project
+    out = tmp_path / "out"
+    build(str(d / "model.pt2"), d / "tasks.jsonl", out)
+    inode = (out / "base" / "weights.bin").stat().st_ino
+    assert not (out / "base" / "parameters.safetensors").exists()
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", out, formats=("onnx", "pt2"))
+    assert report.built == ["alpha", "beta", "gamma"]  # the formats are part of a task's inputs
+    assert (out / "base" / "weights.bin").stat().st_ino == inode
+    assert verify(out) == ["alpha", "beta", "gamma"]
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "fresh", formats=("onnx", "pt2"))
+    assert files_of(out) == files_of(tmp_path / "fresh")
+    with torch.no_grad():
+        ref = ifp.specialize(ep, mask=[torch.from_numpy(x) for x in masks["m2"]]).module()(ids)
+    torch.testing.assert_close(load_artifact(out / "tasks" / "beta", format="pt2").module()(ids), ref, rtol=0, atol=0)
 
 
 def test_parallel_build_equals_serial_build(project, tmp_path):
@@ -141,6 +186,13 @@ def test_verify_refuses_a_tampered_file(project, tmp_path):
     with pytest.raises(ArtifactError, match="ffn.bin: sha256"):
         load_artifact(out / "tasks" / "beta")
     assert main(["verify", str(out)]) == 2
+    build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "pt2", formats=("pt2",))
+    f = tmp_path / "pt2" / "tasks" / "alpha" / "program.ffn.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"tasks/alpha/program.ffn.safetensors: sha256 .* does not match"):
+        load_artifact(tmp_path / "pt2" / "tasks" / "alpha", format="pt2")
 
 
 def test_bad_build_inputs_are_named(project, tmp_path, capsys):

@@ -128,6 +128,36 @@ def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
                           np.fromfile(tmp_path / "out" / "tasks" / "math2" / "ffn.bin", dtype=np.uint8))
 
 
+def test_build_pt2_tasks_on_smollm2(smollm2, tmp_path):
+    """pt2 artifacts of the real model: the graph archive plus the task's own parameters stay
+    within the kept FFN bytes + 2 MB, and loading binds the shared base back exactly."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ifp_compile.artifacts import SHARED_FILES, load_artifact
+    from ifp_compile.build import build
+
+    ep = ifp.export(smollm2[0], (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    torch.export.save(ep, str(tmp_path / "model.pt2"))
+    g = np.random.default_rng(0)
+    masks = [np.zeros(1536, np.float32) for _ in range(30)]
+    for m in masks:
+        m[g.permutation(1536)[:768]] = 1.0
+    save_file({f"ffn.{i}": m for i, m in enumerate(masks)}, str(tmp_path / "half.safetensors"))
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"name": "half", "mask": "half.safetensors"}) + "\n")
+    build(str(tmp_path / "model.pt2"), tmp_path / "tasks.jsonl", tmp_path / "out", formats=("pt2",))
+    d = tmp_path / "out" / "tasks" / "half"
+    kept = 30 * 768 * 3 * 576 * 4
+    own = sum(f.stat().st_size for f in d.iterdir() if f.name not in SHARED_FILES)
+    assert own - kept <= 2 * 2**20, f"own pt2 files exceed kept FFN bytes by {own - kept} bytes"
+    x = torch.randint(0, 1000, (1, 24))
+    with torch.no_grad():
+        ref = ifp.specialize(ep, mask=[torch.from_numpy(m) for m in masks]).module()(x)
+        torch.testing.assert_close(load_artifact(d, format="pt2").module()(x), ref, rtol=0, atol=0)
+
+
 def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
     """The trained-predictor path on the real model: encoder = its first 4 layers (shared,
     not copied), soft masks folded into W_down, one training step moves only the head."""

@@ -1,0 +1,151 @@
+"""A program's graph and its parameters, stored apart.
+
+Why: a build emits hundreds of specialised programs from one base model, and all their
+parameters but the task's sliced FFN weights are the base's. ``torch.export.save``
+writes every parameter into every archive (about 380 MB per SmolLM2 task at keep 0.5).
+Here a task's archive keeps the graph, buffers and constants, with its parameters on
+the ``meta`` device: they take no bytes, and an archive loaded without them refuses to
+run (``Tensor on device cpu is not on the expected device meta``) instead of computing
+with wrong weights. The parameters go to safetensors files -- the base's once per build,
+each task's own ones beside its graph -- and :func:`bind_parameters` puts them back.
+
+Everything here goes through public formats: ``torch.export.save``/``load`` for the
+graph, safetensors for the tensors; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .artifacts import ArtifactError, atomic_write
+from .passes.program_edit import copy_graph, rebuild_program
+
+# per-node debug metadata a task graph does without (the base program keeps it): the
+# export's source stack traces (megabytes, with paths of the machine that built it), the
+# torch function names, and the module stacks. Without the module stacks
+# ``torch.export.unflatten`` cannot rebuild a task's module tree; running, saving,
+# ``run_decompositions`` and ``torch.compile`` do not need them. The ONNX task graphs drop
+# the same information (the exporter's per-node metadata_props); on SmolLM2 this takes a
+# task's graph archive from 4.3 MB to 1.8 MB.
+DEBUG_META = ("stack_trace", "torch_fn", "nn_module_stack")
+ALIASES_KEY = "ifp_compile.aliases"
+
+
+class WeightsError(ArtifactError):
+    """Parameters missing for, or not matching, a weightless program."""
+
+
+def parameters(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    """The program's parameters by state_dict name (tensors shared, not copied)."""
+    names = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
+    return {n: ep.state_dict[n] for n in names}
+
+
+def own_parameters(program: ExportedProgram, base: ExportedProgram) -> dict[str, torch.Tensor]:
+    """The parameters of ``program`` that are not ``base``'s very tensors.
+
+    ``specialize`` shares every parameter it does not slice with its source program, so
+    for a specialised program this is exactly the task's sliced FFN weights.
+    """
+    theirs = parameters(base)
+    own = {}
+    for name, t in parameters(program).items():
+        b = theirs.get(name)
+        if b is None or not (b.data_ptr() == t.data_ptr() and b.shape == t.shape and b.stride() == t.stride()):
+            own[name] = t
+    return own
+
+
+def weightless(ep: ExportedProgram) -> ExportedProgram:
+    """A copy of ``ep`` whose parameters live on the meta device, without :data:`DEBUG_META`."""
+    graph = copy_graph(ep)
+    for node in graph.nodes:
+        for key in DEBUG_META:
+            node.meta.pop(key, None)
+    state = dict(ep.state_dict)
+    for name, t in parameters(ep).items():
+        state[name] = torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    return rebuild_program(ep, graph, state_dict=state)
+
+
+def bind_parameters(ep: ExportedProgram, *sources: tuple[str, Mapping[str, torch.Tensor]]) -> ExportedProgram:
+    """``ep`` with each meta parameter taken from the first ``(where, tensors)`` source that has it.
+
+    Every parameter must be found with the program's shape and dtype; the error names the
+    parameter and the file it was looked up in.
+    """
+    state = dict(ep.state_dict)
+    missing, wrong = [], []
+    for name, meta in parameters(ep).items():
+        if meta.device.type != "meta":
+            continue
+        found = next(((where, tensors[name]) for where, tensors in sources if name in tensors), None)
+        if found is None:
+            missing.append(name)
+            continue
+        where, t = found
+        if tuple(t.shape) != tuple(meta.shape) or t.dtype != meta.dtype:
+            wrong.append(f"{name} in {where}: {tuple(t.shape)} {t.dtype}, the program needs "
+                         f"{tuple(meta.shape)} {meta.dtype}")
+            continue
+        state[name] = torch.nn.Parameter(t, requires_grad=meta.requires_grad)
+    if missing:
+        places = ", ".join(where for where, _ in sources)
+        raise WeightsError(f"{len(missing)} parameter(s) of the program are in none of {places}: "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if wrong:
+        raise WeightsError("parameters do not match the program: " + "; ".join(wrong[:5]))
+    return rebuild_program(ep, copy_graph(ep), state_dict=state)
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def parameters_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of ``tensors``; a tensor shared under several names (tied
+    embedding and LM head) is stored once, its other names kept in the metadata."""
+    from safetensors.torch import save
+
+    first: dict = {}
+    stored, aliases = {}, {}
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        key = _storage_key(t)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            stored[name] = t.contiguous()
+    return save(stored, metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
+
+
+def write_parameters(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    """Write :func:`parameters_bytes` atomically; returns the file's sha256."""
+    data = parameters_bytes(tensors)
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_parameters(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file written by :func:`write_parameters`, aliases resolved."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable parameters file ({e})") from None
+    for name, target in aliases.items():
+        if target not in tensors:
+            raise WeightsError(f"{path}: alias {name} points at {target}, which the file does not hold")
+        tensors[name] = tensors[target]
+    return tensors
