@@ -22,8 +22,9 @@ program shares the base the same way (``program_weights`` says how).
 
 Every file is written to a temporary name and renamed (atomic); a task directory is
 assembled under a temporary name and renamed into place, so a killed build never leaves
-a partial task. Nothing is pickled: ONNX protobuf, raw little-endian tensor bytes, JSON,
-and ``torch.export.save`` archives that ``torch.export.load`` reads without pickle.
+a partial task. Nothing is pickled: ONNX protobuf, raw little-endian tensor bytes,
+safetensors, JSON, and ``torch.export.save`` archives that ``torch.export.load`` reads
+without pickle.
 """
 
 from __future__ import annotations
