@@ -14,7 +14,9 @@ A task is a pure function of (base model hash, mask) -- for an instruction task,
 
 The base model is exported to ONNX once per base model hash (``DIR/base/``); each task
 is ``specialize_onnx`` of it, so a task costs what slicing and writing its FFN weights
-costs, not an export.
+costs, not an export. With ``--format pt2`` the base program's parameters are written
+once too (``DIR/base/parameters.safetensors``) and each task's ``program.pt2`` holds only
+its graph, its own sliced parameters beside it (``artifacts.write_task_pt2``).
 """
 
 from __future__ import annotations
