@@ -344,11 +344,13 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
     if format == "pt2":
         import torch
 
-        from .program_weights import bind_parameters, read_parameters
+        from .program_weights import bind_parameters, parameters, read_parameters
 
         if PT2_FILES["program"] not in manifest["files"]:
             raise ArtifactError(f"{path}: no pt2 program in this artifact (formats: {manifest['formats']})")
         program = torch.export.load(str(path / PT2_FILES["program"]))
-        sources = [(str(path / PT2_FILES[k]), read_parameters(path / PT2_FILES[k])) for k in ("own", "base")]
-        return bind_parameters(program, *sources)
+        own_file, base_file = path / PT2_FILES["own"], path / PT2_FILES["base"]
+        own = read_parameters(own_file)
+        base = read_parameters(base_file, names=set(parameters(program)) - set(own))  # not the base's FFN weights
+        return bind_parameters(program, (str(own_file), own), (str(base_file), base))
     raise ArtifactError(f"unknown artifact format {format!r} (onnx or pt2)")

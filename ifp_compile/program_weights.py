@@ -58,7 +58,7 @@ def own_parameters(program: ExportedProgram, base: ExportedProgram) -> dict[str,
     own = {}
     for name, t in parameters(program).items():
         b = theirs.get(name)
-        if b is None or not (b.data_ptr() == t.data_ptr() and b.shape == t.shape and b.stride() == t.stride()):
+        if b is None or _storage_key(b) != _storage_key(t):
             own[name] = t
     return own
 
@@ -134,18 +134,31 @@ def write_parameters(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_parameters(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a file written by :func:`write_parameters`, aliases resolved."""
+def read_parameters(path: Path, names=None) -> dict[str, torch.Tensor]:
+    """The tensors of a file written by :func:`write_parameters`, aliases resolved.
+
+    ``names`` limits the read to those names (the ones the file has): a task's program
+    takes most FFN weights from its own file, so the base file's versions are never read.
+    """
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            keys = set(f.keys())
             aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+            for name, target in aliases.items():
+                if target not in keys:
+                    raise WeightsError(f"{path}: alias {name} points at {target}, which the file does not hold")
+            present = keys | set(aliases)
+            loaded: dict[str, torch.Tensor] = {}  # one tensor per stored key, shared by its aliases
+            tensors = {}
+            for name in sorted(present if names is None else present & set(names)):
+                key = aliases.get(name, name)
+                if key not in loaded:
+                    loaded[key] = f.get_tensor(key)
+                tensors[name] = loaded[key]
+    except WeightsError:
+        raise
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable parameters file ({e})") from None
-    for name, target in aliases.items():
-        if target not in tensors:
-            raise WeightsError(f"{path}: alias {name} points at {target}, which the file does not hold")
-        tensors[name] = tensors[target]
     return tensors

@@ -55,6 +55,10 @@ def test_a_tensor_shared_by_two_names_is_stored_once(tmp_path):
     assert sorted(load_file(tmp_path / "t.safetensors")) == ["embed.weight", "other"]
     back = read_parameters(tmp_path / "t.safetensors")
     assert torch.equal(back["embed.weight"], w) and torch.equal(back["lm_head.weight"], w)
+    assert back["embed.weight"] is back["lm_head.weight"]  # read once, shared like the original
+    # a limited read: only the names asked for (and held), an alias through its target
+    part = read_parameters(tmp_path / "t.safetensors", names={"lm_head.weight", "missing"})
+    assert list(part) == ["lm_head.weight"] and torch.equal(part["lm_head.weight"], w)
 
 
 def test_missing_and_mismatched_parameters_are_named(tmp_path):
