@@ -23,6 +23,10 @@ ASSERT_OPS = {
     aten._assert_scalar.default,
 }
 
+#: dtype conversions: ``insert_masks`` casts a float32 mask to the dtype of the activation
+#: it multiplies (bf16/fp16 programs), and discovery looks through them to the mask itself.
+CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+
 _TENSOR_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
@@ -93,6 +97,13 @@ def forward_closure(roots: Iterable[Node]) -> set[Node]:
 def backward_closure(roots: Iterable[Node]) -> set[Node]:
     """Every node that ``roots`` depend on, roots included."""
     return _closure(roots, lambda n: n.all_input_nodes)
+
+
+def before_casts(node: Node) -> Node:
+    """The value ``node`` is a dtype conversion of (``node`` itself if it is not one)."""
+    while node.op == "call_function" and node.target in CAST_OPS and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def val(node: Node) -> torch.Tensor | None:

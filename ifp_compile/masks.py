@@ -16,7 +16,10 @@ from .errors import InstructionError, MaskError
 
 def validate_masks(masks, blocks: Sequence[FFNBlock | AttentionBlock], *, what: str = "FFN block",
                    argument: str = "mask") -> list[torch.Tensor]:
-    """Check ``masks`` against ``blocks`` and return them as 1-D float32 tensors.
+    """Check ``masks`` against ``blocks`` and return them as 1-D float32 CPU tensors.
+
+    Masks of any floating dtype (or bool) on any device are accepted; float64 values are
+    rounded to float32 here, which is the precision every pass folds them with.
 
     ``what`` names the blocks in messages ("FFN block", "attention block"); an attention
     block's mask has one value per key/value head.
@@ -39,6 +42,10 @@ def validate_masks(masks, blocks: Sequence[FFNBlock | AttentionBlock], *, what: 
             m = m.float()
         elif not m.dtype.is_floating_point:
             raise MaskError(f"{where} has dtype {m.dtype}; masks are floating point (or bool)")
+        if m.device.type == "meta":
+            raise MaskError(f"{where} is on the meta device: it has a shape but no values")
+        # any float dtype and device: the values are read once, as float32 on the CPU (a
+        # float32 mask is what the masked program's inputs take and what is folded)
         m = m.detach().to("cpu", torch.float32)
         bad = ~torch.isfinite(m)
         if bad.any():

@@ -83,3 +83,30 @@ def tiny_lms(draw):
     )
     torch.manual_seed(draw(st.integers(0, 2**16)))
     return TinyLM(**kw).eval(), kw
+
+
+#: unit roundoff of the half-precision dtypes (half an ulp at 1.0)
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def assert_within_rounding(out, ref, exact, dtype, factor: float = 3.0):
+    """``out`` (specialized) is as close to ``ref`` (masked reference, same dtype) as ``ref``
+    is to ``exact`` (the masked reference computed in float32 with the same weights).
+
+    The bound derived in docs/architecture.md ("Precision"): specialization moves one
+    rounding per kept channel (the fold ``round(W m)`` instead of ``round(h round(m))``) and
+    reorders the down projection's float32 sum; every other op is the same op on the same
+    values. So its error is of the order of the reference's own rounding error, never
+    larger than ``factor`` times it (3: the fold's one rounding against the reference's two,
+    plus the reference's error itself), with a floor of one unit roundoff of the output
+    scale for outputs the reference happens to compute exactly.
+    """
+    out, ref, exact = out.float(), ref.float(), exact.float()
+    u = UNIT_ROUNDOFF[dtype]
+    scale = exact.abs().max().item()
+    ref_err = (ref - exact).abs().max().item()
+    bound = factor * max(ref_err, u * scale)
+    diff = (out - ref).abs().max().item()
+    assert diff <= bound, (f"{dtype}: specialized differs from the masked reference by {diff:.3g}, bound {bound:.3g} "
+                           f"(reference's own rounding error {ref_err:.3g}, output scale {scale:.3g})")
+    return diff, bound

@@ -39,7 +39,7 @@ from torch.fx import Node
 
 from ..blocks import AttentionBlock, HeadSlice
 from ..errors import ProgramError
-from ..graph_utils import ASSERT_OPS, ProgramIndex, module_path_hint, val
+from ..graph_utils import ASSERT_OPS, ProgramIndex, before_casts, module_path_hint, val
 from .discover_ffn import IDENTITY_OPS, SPLIT_OPS, VIEW_OPS, Projection, _is_pointwise, _Reject, _split_chunks, _strip_views, as_projection
 
 aten = torch.ops.aten
@@ -307,7 +307,7 @@ class AttentionDiscovery(ProgramIndex):
             input_node=x.name, o_node=o.node.name, o_input=o_input.name,
             region=tuple(sorted(((n.name, a) for n, a in region.items()), key=lambda r: self.pos[self.by_name[r[0]]])),
             mask_node=mask_node.name if mask_node is not None else None,
-            mask_source=mask_source.name if mask_source is not None else None,
+            mask_source=before_casts(mask_source).name if mask_source is not None else None,
             shared_params=tuple(shared),
         )
 

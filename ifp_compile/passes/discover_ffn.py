@@ -43,6 +43,7 @@ from ..errors import NoFFNFoundError, ProgramError
 from ..graph_utils import (
     ASSERT_OPS,
     ProgramIndex,
+    before_casts,
     is_tensor_state,
     last_dim,
     module_path_hint,
@@ -425,7 +426,7 @@ class FFNDiscovery(ProgramIndex):
             hidden_node=hidden.name,
             region=tuple(n.name for n in region_nodes),
             mask_node=mask_node.name if mask_node is not None else None,
-            mask_source=walk.mask_source.name if walk.mask_source is not None else None,
+            mask_source=before_casts(walk.mask_source).name if walk.mask_source is not None else None,
             shared_params=tuple(shared),
         )
 

@@ -30,6 +30,8 @@ from torch.utils import _pytree as pytree
 from ..errors import IFPError, ProgramError
 from ..graph_utils import HEAD_MASK_PREFIX, INSTRUCTION_INPUT, MASK_INPUT_PREFIX, mask_roots, user_input_nodes
 from ..progress import status
+from ..weights.lazy import export_weightless
+from ..weights.writer import storage_key
 from .discover_attention import attention_report, find_attention_blocks
 from .discover_ffn import find_ffn_blocks
 from .program_edit import retarget_tied_placeholders
@@ -92,10 +94,10 @@ def _tie_shared_storage(root: nn.Module, sub: nn.Module) -> None:
     """
     by_storage = {}
     for name, p in root.named_parameters(remove_duplicate=False):
-        by_storage.setdefault((p.data_ptr(), tuple(p.shape), p.dtype), p)
+        by_storage.setdefault(storage_key(p), p)
     for mod_name, mod in sub.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
-            twin = by_storage.get((p.data_ptr(), tuple(p.shape), p.dtype))
+            twin = by_storage.get(storage_key(p))  # weightless tensors: the same object, not the same address
             if twin is not None and twin is not p:
                 setattr(mod, pname, twin)
 
@@ -118,6 +120,21 @@ def _check_predictor(predictor: nn.Module, blocks) -> torch.Tensor:
             shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
             raise IFPError(f"predictor mask for FFN block {b.index} ({b.name}) has shape {shape}, expected ({b.width},)")
     return example
+
+
+def _in_dtype_of(graph: torch.fx.Graph, mask: torch.fx.Node, h: torch.fx.Node) -> torch.fx.Node:
+    """``mask`` converted to the dtype of the activation ``h`` it multiplies.
+
+    Masks are float32 (inputs) or whatever the predictor emits; in a bf16/fp16 program
+    ``h * m`` would otherwise promote the FFN to float32. The conversion rounds ``m`` to
+    ``h``'s dtype once, and the product is computed in that dtype: the masked reference's
+    semantics in half precision (docs/architecture.md, "Precision"). Float32 programs
+    get no conversion, so their graphs are unchanged.
+    """
+    dtype = h.meta["val"].dtype
+    if dtype == torch.float32:
+        return mask
+    return graph.call_function(aten.to.dtype, (mask, dtype))
 
 
 def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, heads: bool = False) -> ExportedProgram:
@@ -199,14 +216,14 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, hea
         down = nodes[b.down_node]
         start = down.args[1] if down.target is aten.addmm.default else down.args[0]
         with graph.inserting_before(down):
-            masked = graph.call_function(aten.mul.Tensor, (start, m))
+            masked = graph.call_function(aten.mul.Tensor, (start, _in_dtype_of(graph, m, start)))
         down.replace_input_with(start, masked)
     if attention:
         for a, m in zip(attention, head_values):
             o, o_in = nodes[a.o_node], nodes[a.o_input]
             with graph.inserting_before(o):
                 per_feature = graph.call_function(aten.repeat_interleave.self_int, (m, a.heads_per_group * a.head_dim))
-                masked = graph.call_function(aten.mul.Tensor, (o_in, per_feature))
+                masked = graph.call_function(aten.mul.Tensor, (o_in, _in_dtype_of(graph, per_feature, o_in)))
             o.replace_input_with(o_in, masked)
 
     new_args = tuple(example_args) + (extra_example,)
@@ -230,7 +247,7 @@ def insert_masks(ep: ExportedProgram, predictor: nn.Module | None = None, *, hea
         dynamic[HEAD_MASK_PREFIX] = [None] * len(attention)
     what = "predictor branch" if predictor is not None else "FFN masks"
     with status(f"re-exporting with {what} for {len(blocks)} FFN blocks"), torch.no_grad():
-        masked_ep = torch.export.export(gm, new_args, dict(example_kwargs), dynamic_shapes=dynamic, strict=False)
+        masked_ep = export_weightless(gm, new_args, dict(example_kwargs), dynamic_shapes=dynamic, strict=False)
     if predictor is not None:
         retarget_tied_placeholders(masked_ep, prefer="predictor.")
     found = find_ffn_blocks(masked_ep)

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from ..errors import ProgramError
 from ..masks import validate_masks
+from ..slicing import take_array
 from .onnx_discover_ffn import OnnxFFNBlock, _as_ir, find_onnx_ffn_blocks
 
 
@@ -70,21 +71,22 @@ class _OnnxFolder:
         self.values = _values_by_name(self.graph)
         self.masks_removed: list[ir.Value] = []
 
-    def _new_initializer(self, name: str, array: np.ndarray) -> ir.Value:
+    def _new_initializer(self, name: str, value) -> ir.Value:
+        """A new initializer holding ``value``: a numpy array, or a tensor (lazy ones included)."""
         base, i = name, 0
         while name in self.graph.initializers or name in self.values:
             i += 1
             name = f"{base}_{i}"
-        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
+        tensor = ir.Tensor(value, name=name) if isinstance(value, np.ndarray) else value
+        v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)
         self.values[name] = v
         return v
 
-    def _replace_param(self, block: OnnxFFNBlock, p, array: np.ndarray) -> None:
-        """Point the block's reader of ``p`` at a new initializer holding ``array``."""
+    def _replace_param(self, block: OnnxFFNBlock, p, tensor) -> None:
+        """Point the block's reader of ``p`` at a new initializer holding ``tensor``."""
         old = self.values[p.name]
-        new = self._new_initializer(f"{p.name}_ifp_ffn{block.index}", array)
+        new = self._new_initializer(f"{p.name}_ifp_ffn{block.index}", tensor)
         reader_value = self.values[p.reader]
         if reader_value is old:  # read directly by MatMul/Gemm/Add: rewire the block's uses
             block_outputs = set(block.widened) | {block.down_output} | set(block.region)
@@ -100,7 +102,7 @@ class _OnnxFolder:
                     f"FFN block {block.index}: weight {p.name} is transposed once and read elsewhere; not supported"
                 )
             transpose.replace_input_with(0, new)
-            reader_value.shape = ir.Shape(tuple(reversed(array.shape)))
+            reader_value.shape = ir.Shape(tuple(reversed(tuple(tensor.shape))))
 
     def _down_node(self, block: OnnxFFNBlock) -> ir.Node:
         down_param = next(p for p in block.params if p.role == "down")
@@ -119,14 +121,9 @@ class _OnnxFolder:
         scale = mask[keep].astype(np.float32)
         soft = not bool(np.all(scale == 1))
         for p in block.params:
-            array = self.values[p.name].const_value.numpy()
             idx = np.concatenate([keep + o for o in p.offsets])
-            sliced = np.take(array, idx, axis=p.axis)
-            if p.role == "down" and soft:
-                shape = [1] * sliced.ndim
-                shape[p.axis] = -1
-                sliced = (sliced * scale.astype(sliced.dtype).reshape(shape)).astype(array.dtype)
-            self._replace_param(block, p, np.ascontiguousarray(sliced))
+            self._replace_param(block, p, _sliced(self.values[p.name].const_value, p.axis, idx,
+                                                  scale if p.role == "down" and soft else None))
         for name in block.reshapes:
             self._rewrite_reshape(block, self.values[name].producer(), w, k)
         for name in block.splits:
@@ -219,6 +216,18 @@ class _OnnxFolder:
             if not list(v.uses()) and not v.is_graph_output():
                 del self.graph.initializers[name]
         return self.model
+
+
+def _sliced(source, axis: int, index: np.ndarray, scale: np.ndarray | None) -> ir.LazyTensor:
+    """``take_array(source, axis, index, scale)``, computed when the tensor is written or read.
+
+    Lazy so that a task holds no sliced weight in memory before it is written: the writer
+    produces one at a time (the base's weights are read from disk, see ``build._load_base``).
+    """
+    shape = list(source.shape.numpy())
+    shape[axis] = int(index.size)
+    return ir.LazyTensor(lambda: ir.Tensor(take_array(source.numpy(), axis, index, scale), dtype=source.dtype),
+                         dtype=source.dtype, shape=ir.Shape(shape))
 
 
 def _eliminate_dead_code(graph: ir.Graph) -> None:

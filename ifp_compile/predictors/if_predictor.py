@@ -133,7 +133,9 @@ class IFPredictor(MaskPredictor):
             steps = torch.arange(1, attention_mask.shape[1] + 1, device=hidden.device)
             pos = (attention_mask.long() * steps).argmax(1)
             last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-        return self.head(last)
+        # the head and SoftTopK run in float32 whatever the encoder's dtype: they are small,
+        # and top-k selection over scores rounded to bf16 would tie many channels
+        return self.head(last.to(self.head[0].weight.dtype))
 
     def batch_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One ``[B, width]`` mask per FFN block for a (right-padded) batch of instructions."""
