@@ -9,14 +9,17 @@
     small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
 """
 
+__version__ = "0.1.0"  # before the imports: modules that write manifests read it
+
 from .blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
-from .capture import CausalLMLogits, export
+from .capture import CausalLMLogits, export, export_checkpoint
 from .eager import to_module
 from .errors import IFPError, InstructionError, MaskError, NoFFNFoundError, ProgramError
+from .save_load import load, save
+from .weights import Checkpoint, CheckpointError, is_weightless, materialize
 from .passes import attention_report, find_attention_blocks, find_ffn_blocks, insert_masks, predict_masks, specialize
 from .stats import count_parameters, kept_parameters
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionBlock",
@@ -33,6 +36,13 @@ __all__ = [
     "ProgramError",
     "count_parameters",
     "export",
+    "export_checkpoint",
+    "Checkpoint",
+    "CheckpointError",
+    "is_weightless",
+    "load",
+    "materialize",
+    "save",
     "find_ffn_blocks",
     "insert_masks",
     "kept_parameters",

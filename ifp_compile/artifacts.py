@@ -42,7 +42,8 @@ from .errors import IFPError
 ALIGN = 64
 INLINE_BYTES = 1024  # smaller tensors stay in the protobuf
 BASE_PARAMETERS = "parameters.safetensors"  # in DIR/base
-PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "base": "program.base.safetensors"}
+PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "base": "program.base.safetensors",
+             "alone": "program.safetensors"}
 SHARED_FILES = frozenset({"base.bin", PT2_FILES["base"]})  # hard links to the base: no disk of their own
 
 
@@ -349,6 +350,9 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
         if PT2_FILES["program"] not in manifest["files"]:
             raise ArtifactError(f"{path}: no pt2 program in this artifact (formats: {manifest['formats']})")
         program = torch.export.load(str(path / PT2_FILES["program"]))
+        if PT2_FILES["alone"] in manifest["files"]:  # ifp_compile.save: every parameter in one file
+            alone = path / PT2_FILES["alone"]
+            return bind_parameters(program, (str(alone), read_parameters(alone)))
         own_file, base_file = path / PT2_FILES["own"], path / PT2_FILES["base"]
         own = read_parameters(own_file)
         base = read_parameters(base_file, names=set(parameters(program)) - set(own))  # not the base's FFN weights

@@ -190,33 +190,60 @@ def model_hash(model: str) -> str:
 
 
 class Source:
-    """The base model, loaded lazily: only when some task needs (re)building."""
+    """The base model, loaded lazily: only when some task needs (re)building.
 
-    def __init__(self, model: str, keep: float):
+    A Hugging Face checkpoint directory is captured *weightless* (``export_checkpoint``):
+    no weight is read until an artifact is written, and then each tensor is streamed from
+    the checkpoint into its file, sliced (``weights``). Other sources (the default model, a
+    GGUF file, a saved ``.pt2``) are loaded into memory. ``dtype`` (None: the model's own;
+    float32 for GGUF, whose weights are de-quantized) is what the artifacts compute in.
+    """
+
+    def __init__(self, model: str, keep: float, dtype=None):
+        from .dtypes import parse_dtype
+
         self.model, self.kind, self.keep = model, model_kind(model), keep
+        self.dtype = None if dtype is None else parse_dtype(dtype)
+        if self.dtype is not None and self.kind == "onnx":
+            raise BuildError(f"model {model} is ONNX: it computes in the dtype it was exported with (--dtype applies "
+                             "to models ifp-compile loads)")
         self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = None
 
     def torch_model(self):
+        """(HF model in memory, tokenizer) in ``dtype``: for training, evaluation and pruning."""
+        import torch
+
         if self.kind == "default":
             from .real_model import load_smollm2
 
-            return load_smollm2()
+            return load_smollm2(dtype=self.dtype)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self.kind == "gguf":
             d, f = str(Path(self.model).parent), Path(self.model).name
             with status(f"loading {f}"):
-                return (AutoModelForCausalLM.from_pretrained(d, gguf_file=f).eval(),
+                return (AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=self.dtype or torch.float32).eval(),
                         AutoTokenizer.from_pretrained(d, gguf_file=f))
+        if self.kind != "hf":
+            raise BuildError(f"model {self.model} is a .{self.kind} file, not a model ifp-compile can load")
         with status(f"loading {self.model}"):
-            return AutoModelForCausalLM.from_pretrained(self.model).eval(), AutoTokenizer.from_pretrained(self.model)
+            return (AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype or "auto").eval(),
+                    self.tokenizer())
+
+    def tokenizer(self):
+        """The tokenizer of a Hugging Face directory, or None when it has no tokenizer files."""
+        if not any((Path(self.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model)
 
     def programs(self):
         """(plain program, program with the predictor branch or None, tokenizer or None)."""
         if self._ep is None:
             import torch
 
-            from .capture import export
+            from .capture import export, export_checkpoint
 
             if self.kind == "onnx":
                 raise BuildError(f"model {self.model} is ONNX: it can build mask tasks in ONNX format only")
@@ -224,23 +251,50 @@ class Source:
                 from .graph_utils import INSTRUCTION_INPUT, user_input_nodes
 
                 self._ep = torch.export.load(self.model)
+                self._check_dtype(self._ep)
                 has_pred = any(n.name == INSTRUCTION_INPUT for n in user_input_nodes(self._ep))
                 self._predictor_program = self._ep if has_pred else None
+            elif self.kind == "hf":
+                with status(f"capturing {self.model} without its weights"):
+                    self._ep = export_checkpoint(self.model, dtype=self.dtype)
+                self._tokenizer = self.tokenizer()
             else:
                 self._model, self._tokenizer = self.torch_model()
                 self._ep = export(self._model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
         return self._ep, self._predictor_program, self._tokenizer
 
+    def _check_dtype(self, ep) -> None:
+        from .dtypes import name
+        from .program_weights import parameters
+
+        have = {t.dtype for t in parameters(ep).values() if t.is_floating_point()}
+        if self.dtype is not None and have != {self.dtype}:
+            raise BuildError(f"model {self.model} is a saved program in {', '.join(sorted(map(name, have)))}; "
+                             f"--dtype {name(self.dtype)} applies to models ifp-compile loads (export it again in that dtype)")
+
+    def dtype_name(self) -> str:
+        """The dtype the artifacts compute in (recorded in every task's inputs)."""
+        from .dtypes import name
+
+        if self.dtype is not None:
+            return name(self.dtype)
+        return "model" if self.kind in ("pt2", "onnx", "hf") else "float32"
+
     def predictor_program(self):
-        """The program with the predictor branch, built only when an instruction task needs it."""
+        """The program with the predictor branch, built only when an instruction task needs it.
+
+        The prompt-activation predictor reads the model's own activations; for a weightless
+        program (a checkpoint directory) it runs the model layer by layer, each weight read
+        from the checkpoint while its operation runs (``weights.stream``).
+        """
         ep, pred, _ = self.programs()
-        if pred is None and self._model is not None:
+        if pred is None and self.kind != "pt2":
             from .passes import insert_masks
             from .predictors import PromptActivationPredictor
 
             with status("inserting the prompt-activation predictor"):
                 pred = self._predictor_program = insert_masks(
-                    ep, predictor=PromptActivationPredictor(self._model, keep=self.keep))
+                    ep, predictor=PromptActivationPredictor(ep, keep=self.keep))
         return pred
 
     def onnx(self):
@@ -251,10 +305,10 @@ class Source:
                 with status(f"loading {self.model}"):
                     self._onnx = ir.load(self.model)
             else:
-                from .onnx import export_onnx
+                from .onnx import export_onnx_model
 
-                ep, _, _ = self.programs()
-                self._onnx = ir.from_proto(export_onnx(ep, name="the base model"))
+                ep, _, _ = self.programs()  # weights stay where they are until written
+                self._onnx = export_onnx_model(ep, name="the base model")
         return self._onnx
 
     def widths(self) -> list[int]:
@@ -302,8 +356,8 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...]) -> dict:
-    key = {"base_model_sha256": base_hash, "formats": list(formats), "tool_version": __version__}
+def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str) -> dict:
+    key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "tool_version": __version__}
     if task.instruction is not None:
         key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
     else:
@@ -349,8 +403,8 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     if need_pt2:
         from .program_weights import parameters, write_parameters
 
-        with status("writing the shared base parameters (pt2)"):
-            files[BASE_PARAMETERS] = write_parameters(parameters(source.programs()[0]), tmp / BASE_PARAMETERS)
+        files[BASE_PARAMETERS] = write_parameters(parameters(source.programs()[0]), tmp / BASE_PARAMETERS,
+                                                  description="writing the shared base parameters (pt2)")
     data["files"] = dict(sorted(files.items()))
     atomic_write(tmp / "manifest.json", dump_json(data))
     replace_dir(tmp, base)
@@ -378,11 +432,13 @@ _BASE_CACHE: dict = {}
 
 
 def _load_base(path: Path):
-    """The base ONNX model with its weights memory-mapped from ``weights.bin``.
+    """The base ONNX model, each weight read from ``weights.bin`` only when it is used.
 
     onnx_ir refuses to read external data from a file with several hard links (a guard
     against hard-link attacks); the base weights have one link per task by design, and
-    the file is ours, so it is mapped directly (lazily: only sliced tensors are read).
+    the file is ours, so it is read directly. Each initializer is a lazy tensor reading
+    its byte range with a plain file read (no memory map: the pages of a mapping stay in
+    the process's resident set, and a task of an 8B model touches gigabytes of them).
     """
     import onnx_ir as ir
 
@@ -393,11 +449,20 @@ def _load_base(path: Path):
         if isinstance(t, ir.ExternalTensor):
             if t.location != "weights.bin":
                 raise ArtifactError(f"{path}: tensor {value.name} points at {t.location!r}, not weights.bin")
-            dtype = t.dtype.numpy()
-            count = t.length // dtype.itemsize
-            array = np.memmap(weights, dtype=dtype, mode="r", offset=t.offset, shape=(count,))
-            value.const_value = ir.Tensor(array.reshape(tuple(t.shape.numpy())), dtype=t.dtype, name=value.name)
+            value.const_value = ir.LazyTensor(_file_reader(weights, t), dtype=t.dtype, shape=t.shape, name=value.name)
     return model
+
+
+def _file_reader(weights: Path, t):
+    import onnx_ir as ir
+
+    dtype, shape, offset = t.dtype.numpy(), tuple(t.shape.numpy()), t.offset
+    count = t.length // dtype.itemsize
+
+    def read():
+        return ir.Tensor(np.fromfile(weights, dtype=dtype, count=count, offset=offset).reshape(shape), dtype=t.dtype)
+
+    return read
 
 
 @dataclass
@@ -408,8 +473,12 @@ class BuildReport:
 
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
-          only: str | None = None) -> BuildReport:
-    """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``."""
+          only: str | None = None, dtype=None) -> BuildReport:
+    """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
+
+    ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
+    artifacts compute in; a Hugging Face directory is streamed, never loaded (``Source``).
+    """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -425,7 +494,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
             raise BuildError(f"--only {only}: no task of that name in {tasks_file}")
     out = Path(out)
     _prepare_out(out)
-    source = Source(model, keep)
+    source = Source(model, keep, dtype)
     if source.kind == "onnx" and "pt2" in formats:
         raise BuildError(f"model {model} is ONNX: the pt2 format needs a torch model")
     with _locked(out):
@@ -434,7 +503,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
         (out / "tasks").mkdir(exist_ok=True)
         with status("hashing the base model"):
             base_hash = model_hash(model)
-        keys = {t.name: _task_key(t, base_hash, keep, formats) for t in tasks}
+        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name()) for t in tasks}
         todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
         report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
         if todo:

@@ -15,7 +15,6 @@ graph, safetensors for the tensors; nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .artifacts import ArtifactError, atomic_write
+from .artifacts import ArtifactError
 from .passes.program_edit import copy_graph, rebuild_program
+from .weights.writer import ALIASES_KEY, storage_key, write_safetensors
 
 # per-node debug metadata a task graph does without (the base program keeps it): the
 # export's source stack traces (megabytes, with paths of the machine that built it), the
@@ -33,9 +33,10 @@ from .passes.program_edit import copy_graph, rebuild_program
 # ``torch.export.unflatten`` cannot rebuild a task's module tree; running, saving,
 # ``run_decompositions`` and ``torch.compile`` do not need them. The ONNX task graphs drop
 # the same information (the exporter's per-node metadata_props); on SmolLM2 this takes a
-# task's graph archive from 4.3 MB to 1.8 MB.
-DEBUG_META = ("stack_trace", "torch_fn", "nn_module_stack")
-ALIASES_KEY = "ifp_compile.aliases"
+# task's graph archive from 4.3 MB to 1.8 MB. ``from_node`` (the provenance a re-export
+# records) holds Python object ids of the graphs it came from: different in every
+# process, so keeping it would make identical inputs give different archives.
+DEBUG_META = ("stack_trace", "torch_fn", "nn_module_stack", "from_node")
 
 
 class WeightsError(ArtifactError):
@@ -58,7 +59,7 @@ def own_parameters(program: ExportedProgram, base: ExportedProgram) -> dict[str,
     own = {}
     for name, t in parameters(program).items():
         b = theirs.get(name)
-        if b is None or _storage_key(b) != _storage_key(t):
+        if b is None or storage_key(b) != storage_key(t):
             own[name] = t
     return own
 
@@ -105,33 +106,23 @@ def bind_parameters(ep: ExportedProgram, *sources: tuple[str, Mapping[str, torch
     return rebuild_program(ep, copy_graph(ep), state_dict=state)
 
 
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+def write_parameters(tensors: Mapping[str, torch.Tensor], path: Path, *, description: str | None = None) -> str:
+    """Write ``tensors`` to a safetensors file atomically, one tensor at a time; returns its sha256.
 
+    Weightless parameters are read (and sliced) from their checkpoint as they are written
+    (``weights.writer``); a tensor shared by several names is stored once. ``description``
+    shows a progress bar over the bytes written.
+    """
+    if description is None:
+        return write_safetensors(tensors, path)
+    from .progress import byte_bar
 
-def parameters_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of ``tensors``; a tensor shared under several names (tied
-    embedding and LM head) is stored once, its other names kept in the metadata."""
-    from safetensors.torch import save
-
-    first: dict = {}
-    stored, aliases = {}, {}
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        key = _storage_key(t)
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            stored[name] = t.contiguous()
-    return save(stored, metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
-
-
-def write_parameters(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
-    """Write :func:`parameters_bytes` atomically; returns the file's sha256."""
-    data = parameters_bytes(tensors)
-    atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()
+    distinct = {storage_key(t): t for t in tensors.values()}.values()
+    bar = byte_bar(sum(t.numel() * t.element_size() for t in distinct), description)
+    try:
+        return write_safetensors(tensors, path, on_tensor=lambda _name, nbytes: bar.update(nbytes))
+    finally:
+        bar.close()
 
 
 def read_parameters(path: Path, names=None) -> dict[str, torch.Tensor]:

@@ -39,3 +39,20 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=description, total=total, file=sys.stderr)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def byte_bar(total: int, description: str):
+    """A tqdm bar counting bytes (``update(n)``, ``close()``); a silent one when quiet."""
+    if quiet():
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)

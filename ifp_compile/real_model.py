@@ -28,14 +28,23 @@ def smollm2_dir() -> str:
     return d
 
 
-def load_smollm2():
-    """(model, tokenizer) for SmolLM2-135M-Instruct, fp32, eval mode, on CPU."""
+def load_smollm2(dtype=None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode on the CPU.
+
+    The GGUF file is Q4_1; its weights are de-quantized into ``dtype`` (default float32;
+    ``torch.bfloat16`` / ``torch.float16`` or their names for half precision).
+    """
+    import torch
+
+    from .dtypes import parse_dtype
+
+    dtype = torch.float32 if dtype is None else parse_dtype(dtype)
     d = smollm2_dir()
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise IFPError("loading the real model needs the 'hf' extra: pip install 'ifp-compile[hf]'") from e
-    with status(f"loading SmolLM2-135M-Instruct from {GGUF_FILE} (de-quantizing)"):
+    with status(f"loading SmolLM2-135M-Instruct from {GGUF_FILE} (de-quantizing to {str(dtype).removeprefix('torch.')})"):
         tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE).eval()
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=dtype).eval()
     return model, tok

@@ -45,6 +45,9 @@ from ..graph_utils import (
     user_input_nodes,
 )
 from ..masks import instruction_ids, validate_masks
+from ..slicing import take
+from ..weights.lazy import keep_recipe
+from ..weights.stream import StreamingInterpreter
 from .discover_attention import attention_report, find_attention_blocks
 from .discover_ffn import VIEW_OPS, find_ffn_blocks
 from .program_edit import copy_graph, eliminate_dead_code, fake_mode_of, node_by_name, rebuild_program
@@ -98,8 +101,8 @@ def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.T
             env[n] = graph.node_copy(n, env.__getitem__)
     graph.output([env[s] for s in sources])
     branch = GraphModule(program.graph_module, graph)
-    with torch.no_grad():
-        return [m.detach() for m in branch(*inputs)]
+    with torch.no_grad():  # weights of a weightless program are read node by node (weights.stream)
+        return [m.detach() for m in StreamingInterpreter(branch).run(*inputs)]
 
 
 # --------------------------------------------------------------------------------------
@@ -159,7 +162,15 @@ class _Folder:
         self.fake_mode = fake_mode_of(self.graph)
         self._resized: dict[tuple, torch.Tensor] = {}
 
-    def _fake(self, t: torch.Tensor) -> torch.Tensor:
+    def _fake(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``meta["val"]`` for a new parameter ``t`` that replaces one whose value was ``like``.
+
+        A weightless parameter lives on the meta device, but the graph computes on ``like``'s
+        device: its value in the graph is a fake tensor there, as export made it.
+        """
+        if t.device.type == "meta":
+            with self.fake_mode:
+                return torch.empty(t.shape, dtype=t.dtype, device=like.device)
         return self.fake_mode.from_tensor(t, static_shapes=True)
 
     def _set_tensor(self, key: str, spec: InputSpec, value: torch.Tensor) -> None:
@@ -168,7 +179,7 @@ class _Folder:
         elif spec.kind == InputKind.PARAMETER:
             source = self.program.state_dict.get(key)
             requires_grad = source.requires_grad if source is not None else False
-            self.state_dict[key] = torch.nn.Parameter(value, requires_grad=requires_grad)
+            self.state_dict[key] = keep_recipe(value, torch.nn.Parameter(value, requires_grad=requires_grad))
         else:
             self.state_dict[key] = value
 
@@ -207,15 +218,12 @@ class _Folder:
             if ps.key in block.shared_params:
                 ph = self._private_placeholder(block, ph, ps.key, owners)
                 spec = self.specs[ph.name]
-            sliced = source.index_select(ps.axis, idx)
-            if ps.role == scaled_role and scale is not None:
-                if isinstance(ps, HeadSlice):  # one value per group, repeated over its positions
-                    scale = torch.cat([scale.repeat_interleave(size) for _, size in ps.segments])
-                shape = [1] * sliced.dim()
-                shape[ps.axis] = -1
-                sliced.mul_(scale.to(sliced.dtype).view(shape))
+            folded = scale if ps.role == scaled_role else None
+            if folded is not None and isinstance(ps, HeadSlice):  # one value per group, over its positions
+                folded = torch.cat([folded.repeat_interleave(size) for _, size in ps.segments])
+            sliced = take(source, ps.axis, idx, folded)
             self._set_tensor(spec.target, spec, sliced)
-            ph.meta["val"] = self._fake(sliced)
+            ph.meta["val"] = self._fake(sliced, ph.meta["val"])
 
     def _drop_mask_node(self, block) -> None:
         """``h * m`` -> ``h``: the mask now lives in the weights."""

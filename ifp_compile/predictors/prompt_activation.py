@@ -21,6 +21,7 @@ from ..capture import export, is_hf_causal_lm
 from ..errors import ProgramError
 from ..passes.discover_ffn import find_ffn_blocks
 from ..passes.program_edit import probe_module
+from ..weights import stream
 from .base import MaskPredictor, keep_counts
 
 
@@ -71,7 +72,9 @@ class PromptActivationPredictor(MaskPredictor):
     def channel_scores(self, instruction_ids: torch.Tensor) -> list[torch.Tensor]:
         """GRIFFIN's per-channel score for every block (higher = keep)."""
         scores = []
-        for h, w in zip(self.probe(instruction_ids), self.widths):
+        # a weightless probe (a model captured from its checkpoint) runs layer by layer,
+        # each weight read from the checkpoint while its node runs (weights.stream)
+        for h, w in zip(stream.run(self.probe, instruction_ids), self.widths):
             a = h.reshape(-1, w).float()
             a = a / a.norm(dim=-1, keepdim=True).clamp_min(self.eps)
             scores.append(a.norm(dim=0))

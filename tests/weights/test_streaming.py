@@ -1,0 +1,106 @@
+"""Weight streaming: a checkpoint captured without its weights compiles to the same bytes.
+
+``export_checkpoint`` reads no weight; discovery, ``insert_masks`` and ``specialize`` work
+on the weightless program; ``save`` reads each source tensor once, slices it with the
+function the in-RAM pass uses, and writes it. So the streamed artifact is bit for bit the
+in-RAM one, for binary and soft masks, in every dtype.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import ifp_compile as ifp
+from ifp_compile.weights.checkpoint import Checkpoint
+from tests.helpers import make_mask
+from tests.zoo import VOCAB, hf_model
+
+CASES = [("llama", torch.bfloat16, "12KB"), ("gemma", torch.bfloat16, None), ("gpt2", torch.float32, None),
+         ("qwen2", torch.float16, "20KB")]
+
+
+def save_checkpoint(directory, family, dtype, shard=None, **kw):
+    """A tiny random model saved as a Hugging Face directory; returns it as loaded back in memory."""
+    from transformers import AutoModelForCausalLM
+
+    model = hf_model(family, **kw).to(dtype)
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+class ReadCounter:
+    def __init__(self, monkeypatch):
+        self.names: list[str] = []
+        real = Checkpoint.read
+
+        def read(ckpt, name):
+            self.names.append(name)
+            return real(ckpt, name)
+
+        monkeypatch.setattr(Checkpoint, "read", read)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}")
+def case(request, tmp_path_factory):
+    family, dtype, shard = request.param
+    d = tmp_path_factory.mktemp(family)
+    model = save_checkpoint(d, family, dtype, shard)
+    in_ram = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    return d, model, in_ram, dtype
+
+
+def test_capture_and_passes_read_no_weight(case, monkeypatch):
+    d, _, in_ram, dtype = case
+    reads = ReadCounter(monkeypatch)
+    ep = ifp.export_checkpoint(d)
+    assert ifp.is_weightless(ep)
+    assert all(t.device.type == "meta" for t in ep.state_dict.values() if isinstance(t, torch.nn.Parameter))
+    blocks = ifp.find_ffn_blocks(ep)
+    assert [b.describe() for b in blocks] == [b.describe() for b in ifp.find_ffn_blocks(in_ram)]
+    assert [a.describe() for a in ifp.find_attention_blocks(ep)] == [a.describe() for a in ifp.find_attention_blocks(in_ram)]
+    masked = ifp.insert_masks(ep)
+    g = torch.Generator().manual_seed(0)
+    masks = [make_mask(b.width, "soft", g) for b in blocks]
+    small = ifp.specialize(masked, mask=masks)
+    assert ifp.is_weightless(small) and reads.names == []
+    assert ifp.count_parameters(small) == ifp.kept_parameters(masked, blocks, masks)
+    assert ifp.count_parameters(ep) == ifp.count_parameters(in_ram)
+
+
+@pytest.mark.parametrize("kind", ["binary", "soft"])
+def test_streamed_artifact_is_the_in_ram_artifact(case, kind, tmp_path, monkeypatch):
+    d, _, in_ram, dtype = case
+    ep = ifp.export_checkpoint(d)
+    blocks = ifp.find_ffn_blocks(ep)
+    g = torch.Generator().manual_seed(1)
+    masks = [make_mask(b.width, kind, g) for b in blocks]
+    streamed = ifp.specialize(ifp.insert_masks(ep), mask=masks)
+    reference = ifp.specialize(ifp.insert_masks(in_ram), mask=masks)
+    assert ifp.count_parameters(streamed) == ifp.count_parameters(reference)
+    reads = ReadCounter(monkeypatch)
+    ifp.save(streamed, tmp_path / "streamed")
+    # every source tensor is read once (a tied embedding and LM head: once for both)
+    assert sorted(reads.names) == sorted(set(reads.names))
+    ifp.save(reference, tmp_path / "in_ram")
+    for name in ("program.pt2", "program.safetensors", "manifest.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "in_ram" / name).read_bytes(), name
+    loaded = ifp.load(tmp_path / "streamed")
+    ids = torch.randint(0, VOCAB, (1, 11), generator=g)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(ids), reference.module()(ids))
+        assert torch.equal(ifp.materialize(streamed).module()(ids), reference.module()(ids))
+
+
+def test_dtype_of_the_program_can_differ_from_the_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    save_checkpoint(tmp_path, "llama", torch.bfloat16)
+    ep = ifp.export_checkpoint(tmp_path, dtype="float32")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(ifp.materialize(ep).module()(ids), ref(ids).logits)
+    assert {t.dtype for t in ifp.materialize(ep).state_dict.values()} == {torch.float32}
+
