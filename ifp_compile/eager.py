@@ -21,6 +21,7 @@ from .blocks import AttentionBlock, ParamSlice
 from .errors import IFPError, MaskError
 from .masks import validate_masks
 from .passes import attention_report, find_attention_blocks, find_ffn_blocks
+from .slicing import take
 
 
 def _resolve(names: dict[str, nn.Parameter], key: str) -> str:
@@ -91,14 +92,11 @@ def to_module(model: nn.Module, program: ExportedProgram, mask=None, head_mask=N
                 idx = keep if ps.offsets == (0,) else torch.cat([keep + o for o in ps.offsets])
             else:
                 idx = ps.index(keep)
-            sliced = source.index_select(ps.axis, idx).clone()
+            folded = None
             if soft and ps.role in ("down", "o"):
-                s = scale if isinstance(ps, ParamSlice) else torch.cat(
+                folded = scale if isinstance(ps, ParamSlice) else torch.cat(
                     [scale.repeat_interleave(size) for _, size in ps.segments])
-                shape = [1] * sliced.dim()
-                shape[ps.axis] = -1
-                sliced.mul_(s.to(sliced.dtype).view(shape))
-            _set(new, name, sliced)
+            _set(new, name, take(source, ps.axis, idx, folded))  # the slice specialize computes, bit for bit
         if isinstance(block, AttentionBlock):
             _set_head_counts(new, _resolve(names, block.params[-1].key), block, keep.numel())
     return new

@@ -27,11 +27,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from torch.export import ExportedProgram
 
 from . import __version__
-from .artifacts import PT2_FILES, ArtifactError, atomic_write, dump_json, replace_dir, sha256_file
+from .artifacts import PT2_FILES, ArtifactError, atomic_write, dump_json, replace_dir
 from .errors import ProgramError
 
 PT2_PROGRAM = PT2_FILES["program"]
@@ -48,15 +47,11 @@ def _dtype(program: ExportedProgram) -> str:
 
 def write_pt2(program: ExportedProgram, directory: Path) -> dict[str, str]:
     """``program.pt2`` (graph, parameters left out) and ``program.safetensors``; returns their sha256."""
-    from .program_weights import parameters, weightless, write_parameters
+    from .artifacts import write_program
+    from .program_weights import parameters
 
-    sha = write_parameters(parameters(program), directory / PT2_PARAMETERS, description=f"writing {PT2_PARAMETERS}")
-    graph = directory / ".program.tmp.pt2"  # torch warns unless the name ends in .pt2
-    torch.export.save(weightless(program), str(graph))
-    with open(graph, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(graph, directory / PT2_PROGRAM)
-    return {PT2_PROGRAM: sha256_file(directory / PT2_PROGRAM), PT2_PARAMETERS: sha}
+    return write_program(program, parameters(program), directory, PT2_PARAMETERS,
+                         description=f"writing {PT2_PARAMETERS}")
 
 
 def write_onnx(program: ExportedProgram, directory: Path) -> dict[str, str]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 
-def take(tensor: torch.Tensor, axis: int, index: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def take(tensor: torch.Tensor, axis: int, index: torch.Tensor, scale: torch.Tensor | None = None, *,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor.index_select(axis, index)``, each kept position multiplied by ``scale``.
 
     ``scale`` (one value per entry of ``index``) is folded as the module docstring says;
@@ -29,14 +30,17 @@ def take(tensor: torch.Tensor, axis: int, index: torch.Tensor, scale: torch.Tens
         from .weights.lazy import derive
 
         return derive(tensor, axis, index, scale)
-    out = tensor.index_select(axis, index)
+    if out is None:  # ``out``: memory to write the slice into (a streaming writer reuses buffers)
+        out = tensor.index_select(axis, index)
+    else:
+        torch.index_select(tensor, axis, index, out=out)
     if scale is None:
         return out
     shape = [1] * out.dim()
     shape[axis] = -1
     if out.dtype in (torch.float32, torch.float64):
         return out.mul_(scale.to(out.dtype).view(shape))
-    return (out.float() * scale.to(torch.float32).view(shape)).to(out.dtype)
+    return out.copy_((out.float() * scale.to(torch.float32).view(shape)).to(out.dtype))
 
 
 def take_array(array, axis: int, index, scale=None):

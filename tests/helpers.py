@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import strategies as st
 
 import ifp_compile as ifp
 from tests.zoo import TinyLM
+
+
+#: the thorough profile (IFP_HYPOTHESIS_PROFILE=thorough) also runs the breadth the ci
+#: profile leaves out: more families, dtypes and formats of the same property
+THOROUGH = os.environ.get("IFP_HYPOTHESIS_PROFILE", "ci") == "thorough"
+
+
+def breadth(ci: list, more: list) -> list:
+    """Parameters of a test: ``ci`` always, ``more`` only in the thorough profile."""
+    return list(ci) + (list(more) if THOROUGH else [])
+
+
+def examples(ci: int) -> int:
+    """``max_examples`` for a costly property: ``ci`` in the ci profile, the profile's own otherwise."""
+    from hypothesis import settings
+
+    return settings().max_examples if THOROUGH else min(ci, settings().max_examples)
 
 
 def export_lm(model, batch=2, seq=7, dynamic=False, seed=0):

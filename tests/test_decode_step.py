@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import ifp_compile as ifp
 from ifp_compile.decode_step import StepDecoder, export_decode_step, max_cache_len
-from tests.helpers import export_lm, make_mask
+from tests.helpers import breadth, export_lm, make_mask
 from tests.zoo import hf_model
 
 CACHE = 16
@@ -107,3 +107,26 @@ def test_decoders_of_programs_sharing_an_export_do_not_share_a_cache(llama):
         got = a._call(a.module, nxt, 6)[0, -1]
         want = model(torch.cat([a_ids, nxt], 1)).logits[0, -1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", breadth([torch.bfloat16], [torch.float16]))
+def test_decode_step_programs_in_half_precision(dtype):
+    import copy
+
+    from tests.helpers import assert_within_rounding
+
+    model = hf_model("llama", layers=2).to(dtype)
+    step = export_decode_step(model, CACHE)
+    exact = ifp.insert_masks(export_decode_step(copy.deepcopy(model).float(), CACHE))
+    blocks = ifp.find_ffn_blocks(step)
+    g = torch.Generator().manual_seed(5)
+    masks = [make_mask(b.width, k, g) for b, k in zip(blocks, ["soft", "binary"])]
+    masked, small = ifp.insert_masks(step), ifp.specialize(step, mask=masks)
+    ids = torch.randint(0, 100, (1, 8), generator=g)
+    with torch.no_grad():
+        ref = _chunks(masked.module(), ids, (masks,))
+        out = _chunks(small.module(), ids)
+        assert out.dtype == dtype
+        assert_within_rounding(out, ref, _chunks(exact.module(), ids, (masks,)), dtype)
+    tokens, _ = StepDecoder(small).greedy(ids[:, :4], 5)
+    assert len(tokens) == 5 and all(0 <= t < 128 for t in tokens)

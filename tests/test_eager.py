@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ifp_compile as ifp
-from tests.helpers import export_lm, make_mask
+from tests.helpers import breadth, export_lm, make_mask
 from tests.zoo import hf_model
 
 
@@ -52,3 +52,21 @@ def test_to_module_errors():
         ifp.to_module(model, ep, mask=[torch.ones(64)])
     with pytest.raises(ifp.IFPError, match="is not a parameter of the model"):
         ifp.to_module(hf_model("qwen2", layers=1), ep, mask=[torch.ones(64)] * 2)
+
+
+@pytest.mark.parametrize("dtype", breadth([torch.bfloat16], [torch.float16]))
+def test_to_module_in_half_precision_holds_the_specialized_weights(dtype):
+    model = hf_model("llama").to(dtype)
+    ep, ids = export_lm(model, dynamic=True)
+    g = torch.Generator().manual_seed(4)
+    ffn = [make_mask(b.width, kind, g) for b, kind in zip(ifp.find_ffn_blocks(ep), ["soft", "binary"])]
+    small = ifp.to_module(model, ep, mask=ffn)
+    program = ifp.specialize(ep, mask=ffn)
+    names = dict(small.named_parameters())
+    for key, t in program.state_dict.items():  # the same slices, folded the same way, bit for bit
+        assert names[key.removeprefix("lm.")].dtype == dtype
+        assert torch.equal(names[key.removeprefix("lm.")], t), key
+    with torch.no_grad():
+        assert torch.equal(small(input_ids=ids).logits, program.module()(ids))
+        out = small.generate(ids[:, :4], max_new_tokens=4, do_sample=False, use_cache=True)
+    assert out.shape == (2, 8)

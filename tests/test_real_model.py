@@ -193,3 +193,104 @@ def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------
+# bfloat16: the same checks in half precision, with the bound of docs/architecture.md
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2):
+    """SmolLM2 de-quantized into bf16, and its masked program in float32 on the same weights."""
+    import copy
+
+    from ifp_compile.real_model import load_smollm2
+
+    model, tok = load_smollm2(dtype="bf16")
+    ids = smollm2[3]
+    ep = ifp.export(model, (ids,), dynamic_shapes="seq")
+    exact = ifp.insert_masks(ifp.export(copy.deepcopy(model).float(), (ids,), dynamic_shapes="seq"))
+    return model, tok, ep, ids, exact
+
+
+def _half_masks(blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for i, b in enumerate(blocks):
+        keep = torch.randperm(b.width, generator=g)[: b.width // 2]
+        m = torch.zeros(b.width)
+        m[keep] = torch.rand(keep.numel(), generator=g) + 0.5 if i % 2 else 1.0
+        masks.append(m)
+    return masks
+
+
+def test_bf16_specialized_equals_masked_reference_on_smollm2(smollm2_bf16):
+    from tests.helpers import assert_within_rounding
+
+    model, _, ep, ids, exact = smollm2_bf16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    masked = ifp.insert_masks(ep)
+    blocks = ifp.find_ffn_blocks(masked)
+    assert len(blocks) == 30
+    masks = _half_masks(blocks)
+    small = ifp.specialize(masked, mask=masks)
+    with torch.no_grad():
+        assert torch.equal(masked.module()(ids, [torch.ones(b.width) for b in blocks]), ep.module()(ids))
+        ref = masked.module()(ids, masks)
+        out = small.module()(ids)
+        assert out.dtype == torch.bfloat16
+        assert_within_rounding(out, ref, exact.module()(ids, masks), torch.bfloat16)
+    assert ifp.count_parameters(small) == 134_515_008 - 30 * 768 * 3 * 576
+
+
+def test_bf16_instruction_specialization_on_smollm2(smollm2_bf16):
+    from ifp_compile.predictors import PromptActivationPredictor
+    from tests.helpers import assert_within_rounding
+
+    model, tok, ep, ids, exact = smollm2_bf16
+    pred = PromptActivationPredictor(ep, keep=0.5)
+    prog = ifp.insert_masks(ep, predictor=pred)
+    text = "Solve this math word problem."
+    small = ifp.specialize(prog, text, tokenizer=tok)
+    with torch.no_grad():
+        masks = pred(tok(text, return_tensors="pt")["input_ids"])
+        ref = prog.module()(ids, tok(text, return_tensors="pt")["input_ids"])
+        assert_within_rounding(small.module()(ids), ref, exact.module()(ids, masks), torch.bfloat16)
+    assert [int(m.sum()) for m in masks] == [768] * 30
+    assert ifp.count_parameters(small) == 134_515_008 - 30 * 768 * 3 * 576
+
+
+def test_bf16_build_and_streamed_checkpoint_on_smollm2(smollm2_bf16, tmp_path):
+    """SmolLM2 in bf16 saved as a Hugging Face directory: the build streams it (never loads
+    it), and its pt2 task and a saved artifact hold the in-RAM specialisation bit for bit."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from ifp_compile.artifacts import load_artifact
+    from ifp_compile.build import build, verify
+
+    model, tok, ep, ids, _ = smollm2_bf16
+    ckpt = tmp_path / "smollm2-bf16"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    masks = [m.numpy() for m in _half_masks(ifp.find_ffn_blocks(ep), seed=1)]
+    save_file({f"ffn.{i}": m for i, m in enumerate(masks)}, str(tmp_path / "half.safetensors"))
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps({"name": "half", "mask": "half.safetensors"}) + "\n"
+        + json.dumps({"name": "math", "instruction": "Solve this math word problem."}) + "\n")
+    build(str(ckpt), tmp_path / "tasks.jsonl", tmp_path / "out", formats=("pt2",))
+    assert verify(tmp_path / "out") == ["half", "math"]
+    in_ram = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    x = torch.randint(0, 1000, (1, 24))
+    with torch.no_grad():
+        ref = ifp.specialize(in_ram, mask=[torch.from_numpy(m) for m in masks]).module()(x)
+        assert torch.equal(load_artifact(tmp_path / "out" / "tasks" / "half", format="pt2").module()(x), ref)
+    manifest = json.loads((tmp_path / "out" / "tasks" / "math" / "manifest.json").read_text())
+    assert manifest["kept_channels"] == [768] * 30 and manifest["inputs"]["dtype"] == "model"
+    kept = 30 * 768 * 3 * 576 * 2  # bf16
+    assert kept <= (tmp_path / "out" / "tasks" / "half" / "program.ffn.safetensors").stat().st_size <= kept + 2**20
+    # the Python API on the same directory: weightless capture, streamed save, exact load
+    small = ifp.specialize(ifp.export_checkpoint(ckpt), mask=[torch.from_numpy(m) for m in masks])
+    ifp.save(small, tmp_path / "task")
+    with torch.no_grad():
+        assert torch.equal(ifp.load(tmp_path / "task").module()(x), ref)

@@ -40,7 +40,7 @@ def _heads_target(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import _positive_int
+    from ..cli import _positive_int, add_dtype_argument
 
     p.add_argument("--model", default="default",
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="pt2", help="comma-separated: pt2, onnx (default pt2)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="'bytes' for test models without tokenizer files")
+    add_dtype_argument(p, "the model's own (float32 for GGUF and the default model)")
 
 
 def prune_main(args: argparse.Namespace) -> int:
@@ -84,7 +85,7 @@ def prune_main(args: argparse.Namespace) -> int:
         raise IFPError(f"--out {out} exists and is not a directory")
     if not Path(args.data).is_file():
         raise IFPError(f"--data {args.data}: no such file")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype)
     calib = calibration_chunks(args.data, tok, chunk_tokens=args.chunk_tokens, max_chunks=args.calibration_chunks)
     program = export(model, (calib[0],), dynamic_shapes="seq")
     heads = args.heads_target > 0

@@ -17,7 +17,7 @@ STATIC_SCORES = ("taylor", "activation", "magnitude")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import _positive_int, fraction
+    from ..cli import _positive_int, add_dtype_argument, fraction
 
     p.add_argument("--model", default="default",
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write DIR/eval.json and DIR/masks.safetensors (for ifp-compile report)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="'bytes' for test models without tokenizer files")
+    add_dtype_argument(p, "the model's own (float32 for GGUF and the default model)")
 
 
 def _predictor_source(path: str, widths: list[int], counts: list[int]):
@@ -78,7 +79,7 @@ def eval_main(args: argparse.Namespace) -> int:
         raise IFPError(f"--out {out} exists and is not a directory")
     if args.predictor and not Path(args.predictor).is_dir():
         raise IFPError(f"--predictor {args.predictor}: no such checkpoint directory")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype)
     with status("exporting the model"):
         program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     widths = [b.width for b in find_ffn_blocks(program)]

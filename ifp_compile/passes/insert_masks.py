@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from ..errors import IFPError, ProgramError
 from ..graph_utils import HEAD_MASK_PREFIX, INSTRUCTION_INPUT, MASK_INPUT_PREFIX, mask_roots, user_input_nodes
 from ..progress import status
-from ..weights.lazy import export_weightless
+from ..weights.lazy import call_with_fake_weights, export_weightless
 from ..weights.writer import storage_key
 from .discover_attention import attention_report, find_attention_blocks
 from .discover_ffn import find_ffn_blocks
@@ -110,8 +110,8 @@ def _check_predictor(predictor: nn.Module, blocks) -> torch.Tensor:
         if hasattr(predictor, "example_instruction")
         else torch.zeros(1, 8, dtype=torch.long)
     )
-    with torch.no_grad():
-        masks = predictor(example)
+    with torch.no_grad():  # shapes only: a weightless predictor runs on fake weights
+        masks = call_with_fake_weights(predictor, example)
     if not isinstance(masks, (list, tuple)) or len(masks) != len(blocks):
         got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
         raise IFPError(f"predictor returned {got} masks for a program with {len(blocks)} FFN blocks")

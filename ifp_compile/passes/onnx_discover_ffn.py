@@ -192,6 +192,11 @@ def _last_dim_is(v: ir.Value, n: int) -> bool:
     return not isinstance(last, int) or last == n
 
 
+def _is_mask_shape(v: ir.Value, w: int) -> bool:
+    shape = v.shape
+    return shape is not None and len(shape) == 1 and shape[0] == w
+
+
 class _Walk:
     """Backward walk from the down projection's input to the up projections."""
 
@@ -203,6 +208,7 @@ class _Walk:
         self.splits: list[ir.Node] = []
         self.reshapes: list[ir.Node] = []
         self.mask_input: ir.Value | None = None
+        self.mask_cast: ir.Node | None = None
         self.mask_node: ir.Node | None = None
         self.values: list[ir.Value] = []  # values whose last axis is w
 
@@ -226,8 +232,7 @@ class _Walk:
                 raise _NotABlock(f"non-scalar constant {v.name} in the region")
             return
         if v.is_graph_input():
-            shape = v.shape
-            if self.mask_input is None and shape is not None and len(shape) == 1 and shape[0] == self.w:
+            if self.mask_input is None and _is_mask_shape(v, self.w):
                 self.mask_input = v
                 return
             raise _NotABlock(f"graph input {v.name} reaches the region")
@@ -241,6 +246,10 @@ class _Walk:
         p = v.producer()
         if p is None:
             raise _NotABlock(f"{v.name} has no producer")
+        if (p.op_type == "Cast" and self.mask_input is None and p.inputs[0] is not None
+                and p.inputs[0].is_graph_input() and _is_mask_shape(p.inputs[0], self.w)):
+            self.mask_input, self.mask_cast = p.inputs[0], p  # a float32 mask cast to a bf16/fp16 h
+            return
         if p.op_type == "Split" and p.domain in ("", "ai.onnx"):
             self._visit_split(p, v)
             return
@@ -292,7 +301,13 @@ class _Walk:
                 if id(use.node) not in inside:
                     raise _NotABlock(f"{v.name} is also read by {use.node.op_type} outside the block")
         if self.mask_input is not None:
-            uses = list(self.mask_input.uses())
+            operand = self.mask_input
+            if self.mask_cast is not None:
+                uses = list(operand.uses())
+                if len(uses) != 1 or uses[0].node is not self.mask_cast:
+                    raise _NotABlock(f"mask input {operand.name} is read by more than its Cast")
+                operand = self.mask_cast.outputs[0]
+            uses = list(operand.uses())
             if len(uses) != 1 or uses[0].node.op_type != "Mul":
                 raise _NotABlock(f"mask input {self.mask_input.name} is read by more than one Mul")
             self.mask_node = uses[0].node

@@ -169,7 +169,12 @@ class _OnnxFolder:
         out = self.values[block.mask_output]
         node = out.producer()
         m = self.values[block.mask_input]
-        hidden = node.inputs[1] if node.inputs[0] is m else node.inputs[0]
+
+        def is_mask(v):  # the mask input, or its Cast to h's dtype (bf16/fp16 models)
+            p = v.producer()
+            return v is m or (p is not None and p.op_type == "Cast" and p.inputs[0] is m)
+
+        hidden = node.inputs[1] if is_mask(node.inputs[0]) else node.inputs[0]
         out.replace_all_uses_with(hidden)
         self.graph.remove(node, safe=True)
         self.masks_removed.append(m)

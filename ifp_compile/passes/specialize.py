@@ -101,8 +101,11 @@ def predict_masks(program: ExportedProgram, blocks: list[FFNBlock], ids: torch.T
             env[n] = graph.node_copy(n, env.__getitem__)
     graph.output([env[s] for s in sources])
     branch = GraphModule(program.graph_module, graph)
-    with torch.no_grad():  # weights of a weightless program are read node by node (weights.stream)
-        return [m.detach() for m in StreamingInterpreter(branch).run(*inputs)]
+    with torch.no_grad():
+        if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in inputs):
+            # a weightless program: its weights are read node by node (weights.stream)
+            return [m.detach() for m in StreamingInterpreter(branch).run(*inputs)]
+        return [m.detach() for m in branch(*inputs)]
 
 
 # --------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class TrainConfig:
     data: str
     out: str
     model: str = "default"
+    #: precision the LLM is loaded and trained in: null (the model's own; float32 for GGUF),
+    #: "float32", "bfloat16" or "float16". The predictor's head runs in float32 regardless.
+    dtype: str | None = None
     #: None: the model's own tokenizer; "bytes": UTF-8 bytes modulo the vocabulary (tests)
     tokenizer: str | None = None
     stage: int = 1
@@ -87,6 +90,14 @@ def _check(cfg: TrainConfig, where: str) -> None:
         raise bad("save_every", f"must be an int >= 0 (0 = only at the end), got {cfg.save_every!r}")
     if not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay < 0:
         raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.dtype is not None:
+        from ..dtypes import parse_dtype
+        from ..errors import IFPError
+
+        try:
+            parse_dtype(cfg.dtype)
+        except IFPError as e:
+            raise bad("dtype", str(e).removeprefix("dtype ")) from None
     if cfg.tokenizer not in (None, "bytes"):
         raise bad("tokenizer", f"must be null (the model's) or \"bytes\", got {cfg.tokenizer!r}")
     p = cfg.predictor

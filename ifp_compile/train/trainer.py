@@ -39,35 +39,26 @@ CHECKPOINT = "checkpoint"
 # --------------------------------------------------------------------------------------
 # the model side
 # --------------------------------------------------------------------------------------
-def load_model(model: str):
-    """(HF causal LM, tokenizer) for a config's ``model``: "default", a directory or a GGUF file."""
+def load_model(model: str, dtype=None):
+    """(HF causal LM, tokenizer) for a config's ``model``: "default", a directory or a GGUF file,
+    in ``dtype`` (None: the model's own, float32 for GGUF)."""
     from ..build import BuildError, Source
+    from ..errors import IFPError
 
     try:
-        source = Source(model, keep=1.0)
-    except BuildError as e:
+        source = Source(model, keep=1.0, dtype=dtype)
+    except (BuildError, IFPError) as e:
         raise TrainError(str(e)) from None
     if source.kind not in ("default", "hf", "gguf"):
         raise TrainError(f"model {model}: training needs a Hugging Face model (directory, .gguf or 'default'), "
                          f"not a .{source.kind} file")
-    if source.kind == "hf":  # a tiny saved model may have no tokenizer: load it only if present
-        from transformers import AutoModelForCausalLM
-
-        with status(f"loading {model}"):
-            lm = AutoModelForCausalLM.from_pretrained(model).eval()
-        tok = None
-        if any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(model)
-        return lm, tok
-    return source.torch_model()
+    return source.torch_model()  # a directory without tokenizer files gives tokenizer None
 
 
-def load_model_and_tokenizer(model: str, tokenizer: str | None = "model"):
+def load_model_and_tokenizer(model: str, tokenizer: str | None = "model", dtype=None):
     """``load_model`` plus the tokenizer choice every command offers: the model's own
     (``"model"``/None) or bytes (``"bytes"``, for tiny test models without tokenizer files)."""
-    lm, tok = load_model(model)
+    lm, tok = load_model(model, dtype)
     if tokenizer == "bytes":
         return lm, ByteTokenizer(int(lm.config.vocab_size))
     if tok is None:
@@ -79,7 +70,7 @@ def load_model_and_tokenizer(model: str, tokenizer: str | None = "model"):
 def make_predictor(model: nn.Module, widths: list[int], cfg: TrainConfig) -> IFPredictor:
     p = cfg.predictor
     if p.encoder_model is not None:
-        encoder_lm, _ = load_model(p.encoder_model)
+        encoder_lm, _ = load_model(p.encoder_model, cfg.dtype)
         # one tokenizer feeds both the encoder and the LLM (as in specialize(program, text))
         if int(encoder_lm.config.vocab_size) != int(model.config.vocab_size):
             raise TrainError(f"predictor.encoder_model {p.encoder_model} has a vocabulary of "
@@ -158,7 +149,7 @@ def setup(cfg: TrainConfig) -> Setup:
     from ..capture import export
     from ..passes import find_ffn_blocks, insert_masks
 
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype=cfg.dtype)
     program = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     masked = insert_masks(program)
     widths = [b.width for b in find_ffn_blocks(program)]

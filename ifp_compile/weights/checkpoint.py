@@ -132,10 +132,14 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.directory}") from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read from its shard into memory of its own."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``, read from its shard into memory of its own (or into ``out``,
+        a uint8 tensor of exactly its size)."""
         info = self.info(name)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        if out is None:
+            out = torch.empty(info.nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() != info.nbytes:  # pragma: no cover - caller's bug
+            raise ValueError(f"read({name}): out must be {info.nbytes} uint8 values")
         try:
             with open(info.file, "rb", buffering=0) as f:
                 f.seek(info.offset)

@@ -55,24 +55,31 @@ class LazyWeight:
             n *= s
         return n
 
-    def materialize(self) -> torch.Tensor:
-        """The values: read, converted and sliced exactly as the in-RAM passes would."""
+    def materialize(self, pool=None) -> torch.Tensor:
+        """The values: read, converted and sliced exactly as the in-RAM passes would.
+
+        With a ``weights.pool.BufferPool`` the source and each slice land in reused buffers
+        (the result lives in one: give it back with ``pool.release`` once written).
+        """
         from ..slicing import take
 
-        t = self.source.read(self.key)
-        if self.steps and self.steps[0][0] == 0 and t.dtype != self.dtype:
-            # rows first: converting only the kept rows gives the same values for less work
-            axis, index, scale = self.steps[0]
-            t = take(t.index_select(0, index).to(self.dtype), 0, torch.arange(index.numel()), scale)
-            steps = self.steps[1:]
-        else:
-            t = t.to(self.dtype)
-            steps = self.steps
-        for axis, index, scale in steps:
-            t = take(t, axis, index, scale)
+        info = self.source.info(self.key)
+        t = self.source.read(self.key, out=pool.get(info.nbytes) if pool is not None else None)
+        if t.dtype != self.dtype:  # a checkpoint stored in another dtype (rare): plain memory
+            converted = t.to(self.dtype)
+            if pool is not None:
+                pool.release(t)
+            t = converted
+        for axis, index, scale in self.steps:
+            shape = list(t.shape)
+            shape[axis] = index.numel()
+            sliced = take(t, axis, index, scale, out=pool.tensor(shape, t.dtype) if pool is not None else None)
+            if pool is not None:
+                pool.release(t)
+            t = sliced
         if tuple(t.shape) != self.shape:  # pragma: no cover - a bug in the recorded steps
             raise ProgramError(f"internal: {self.key} materialized as {tuple(t.shape)}, expected {self.shape}")
-        return t.contiguous()
+        return t
 
     def describe(self) -> str:
         where = getattr(self.source, "info", None)
@@ -201,6 +208,26 @@ def _check_buffers(module: nn.Module) -> None:
         if b.device.type == "meta":
             raise ProgramError(f"buffer {name} is on the meta device: a weightless model keeps its buffers "
                                "(rotary frequencies, masks) real, only parameters may be weightless")
+
+
+def call_with_fake_weights(module: nn.Module, *args):
+    """``module(*args)`` computed on fake tensors when it has weightless parameters.
+
+    For checks that need only shapes (a predictor's outputs against the blocks): running a
+    weightless module for real would need its weights, and tracing it needs none.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.utils import _pytree as pytree
+
+    if not any(p.device.type == "meta" for p in module.parameters()):
+        return module(*args)
+    _check_buffers(module)
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with fake_parameters(module, mode):
+        fake_args = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), args)
+        with mode:
+            return module(*fake_args)
 
 
 def export_weightless(module: nn.Module, args: tuple, kwargs: dict | None = None, **export_kwargs):

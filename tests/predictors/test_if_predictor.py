@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ifp_compile as ifp
 from ifp_compile.errors import IFPError, InstructionError
 from ifp_compile.predictors import IFPredictor, LMEncoder
+from tests.helpers import examples
 from tests.zoo import VOCAB, _hf
 
 
@@ -37,6 +38,7 @@ def test_masks_have_k_soft_entries_per_block():
         torch.testing.assert_close(batch[b][1], m_short, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=examples(5))
 @given(family=st.sampled_from(["llama", "qwen2", "gemma", "phi3", "gpt2"]), keep=st.sampled_from([0.25, 0.5, 0.9]),
        seed=st.integers(0, 1000), n_layers=st.integers(1, 2))
 def test_specialize_with_ifpredictor_equals_masked_program(family, keep, seed, n_layers):

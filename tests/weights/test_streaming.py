@@ -14,11 +14,12 @@ import torch
 
 import ifp_compile as ifp
 from ifp_compile.weights.checkpoint import Checkpoint
-from tests.helpers import make_mask
+from tests.helpers import breadth, make_mask
 from tests.zoo import VOCAB, hf_model
 
-CASES = [("llama", torch.bfloat16, "12KB"), ("gemma", torch.bfloat16, None), ("gpt2", torch.float32, None),
-         ("qwen2", torch.float16, "20KB")]
+#: (family, dtype, shard size): sharded and single-file checkpoints, tied and untied heads
+CASES = breadth([("llama", torch.bfloat16, "12KB"), ("gpt2", torch.float32, None)],
+                [("gemma", torch.bfloat16, None), ("qwen2", torch.float16, "20KB")])
 
 
 def save_checkpoint(directory, family, dtype, shard=None, **kw):
@@ -35,9 +36,9 @@ class ReadCounter:
         self.names: list[str] = []
         real = Checkpoint.read
 
-        def read(ckpt, name):
+        def read(ckpt, name, out=None):
             self.names.append(name)
-            return real(ckpt, name)
+            return real(ckpt, name, out)
 
         monkeypatch.setattr(Checkpoint, "read", read)
 
@@ -67,6 +68,23 @@ def test_capture_and_passes_read_no_weight(case, monkeypatch):
     assert ifp.is_weightless(small) and reads.names == []
     assert ifp.count_parameters(small) == ifp.kept_parameters(masked, blocks, masks)
     assert ifp.count_parameters(ep) == ifp.count_parameters(in_ram)
+    from ifp_compile.passes.layer_probe import find_layer_boundaries
+
+    assert find_layer_boundaries(ep) == find_layer_boundaries(in_ram)  # structural: no values needed
+    assert reads.names == []
+
+
+def test_a_probe_runs_layer_by_layer_from_the_checkpoint(case):
+    """Layer probes need values: the streaming interpreter reads them node by node."""
+    from ifp_compile.passes.layer_probe import layer_probe
+    from ifp_compile.weights import stream
+
+    d, _, in_ram, _ = case
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    got = stream.run(layer_probe(ifp.export_checkpoint(d))[0], ids)
+    with torch.no_grad():
+        want = layer_probe(in_ram)[0](ids)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("kind", ["binary", "soft"])
@@ -104,3 +122,45 @@ def test_dtype_of_the_program_can_differ_from_the_checkpoints(tmp_path):
         assert torch.equal(ifp.materialize(ep).module()(ids), ref(ids).logits)
     assert {t.dtype for t in ifp.materialize(ep).state_dict.values()} == {torch.float32}
 
+
+
+def test_predictors_run_layer_by_layer_from_the_checkpoint(tmp_path, monkeypatch):
+    """The prompt-activation probe and an IFPredictor over the target's first layer, on a
+    weightless program: the same masks and the same specialised weights as in memory, each
+    weight read from the checkpoint only while its operation runs (once per prediction)."""
+    from ifp_compile.capture import build_skeleton
+    from ifp_compile.predictors import IFPredictor, LMEncoder, PromptActivationPredictor
+
+    model = save_checkpoint(tmp_path, "llama", torch.bfloat16, inter=48, layers=3)
+    ep = ifp.export_checkpoint(tmp_path)
+    in_ram = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    instr = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    reads = ReadCounter(monkeypatch)
+    streamed, loaded = PromptActivationPredictor(ep, keep=0.5), PromptActivationPredictor(in_ram, keep=0.5)
+    assert reads.names == []
+    with torch.no_grad():
+        got, want = streamed(instr), loaded(instr)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert sorted(reads.names) == sorted(set(reads.names))  # each weight the probe needs, once
+    assert "lm_head.weight" not in reads.names  # the probe stops at the last FFN
+    small = ifp.specialize(ifp.insert_masks(ep, predictor=streamed), instr)
+    ref = ifp.specialize(ifp.insert_masks(in_ram, predictor=loaded), instr)
+    small = ifp.materialize(small)
+    assert small.state_dict.keys() == ref.state_dict.keys()
+    assert all(torch.equal(small.state_dict[k], ref.state_dict[k]) for k in ref.state_dict)
+
+    skeleton, _, _ = build_skeleton(tmp_path)
+    widths = [b.width for b in ifp.find_ffn_blocks(ep)]
+    torch.manual_seed(0)
+    pred_w = IFPredictor(LMEncoder(skeleton, num_layers=1), widths, keep=0.5)
+    pred_r = IFPredictor(LMEncoder(model, num_layers=1), widths, keep=0.5)
+    with torch.no_grad():
+        for p in pred_w.head.parameters():
+            p.normal_(0, 0.5)
+        pred_r.head.load_state_dict(pred_w.head.state_dict())
+    prog = ifp.insert_masks(ep, predictor=pred_w)
+    assert ifp.is_weightless(prog) and not any(lazy is None for lazy in [
+        getattr(t, "_ifp_lazy", None) for t in prog.state_dict.values() if t.device.type == "meta"])
+    small = ifp.materialize(ifp.specialize(prog, instr))
+    ref = ifp.specialize(ifp.insert_masks(in_ram, predictor=pred_r), instr)
+    assert all(torch.equal(small.state_dict[k], ref.state_dict[k]) for k in ref.state_dict)
