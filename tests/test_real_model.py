@@ -52,12 +52,18 @@ def test_specialized_equals_masked_reference_on_smollm2(smollm2):
     assert ifp.count_parameters(small) == dense - 30 * 768 * 3 * 576
 
 
-def test_instruction_specialization_on_smollm2(smollm2):
+@pytest.fixture(scope="module")
+def smollm2_predicted(smollm2):
+    """The prompt-activation predictor at keep 0.5 and the program that carries it."""
     from ifp_compile.predictors import PromptActivationPredictor
 
+    pred = PromptActivationPredictor(smollm2[2], keep=0.5)
+    return pred, ifp.insert_masks(smollm2[2], predictor=pred)
+
+
+def test_instruction_specialization_on_smollm2(smollm2, smollm2_predicted):
     model, tok, ep, ids = smollm2
-    pred = PromptActivationPredictor(ep, keep=0.5)
-    prog = ifp.insert_masks(ep, predictor=pred)
+    pred, prog = smollm2_predicted
     small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
     masks = pred(tok("Solve this math word problem.", return_tensors="pt")["input_ids"])
     with torch.no_grad():
@@ -84,7 +90,7 @@ def test_demo_on_smollm2(smollm2, capsys):
     assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table
 
 
-def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
+def test_build_instruction_tasks_on_smollm2(smollm2, smollm2_predicted, tmp_path):
     """`ifp-compile build` on the default model: ONNX artifacts equal the torch specialisation."""
     import json
 
@@ -93,9 +99,8 @@ def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from ifp_compile.build import build, verify
     from ifp_compile.onnx import find_onnx_ffn_blocks
-    from ifp_compile.predictors import PromptActivationPredictor
 
-    model, tok = smollm2[0], smollm2[1]
+    tok = smollm2[1]
     tasks = tmp_path / "tasks.jsonl"
     instr = {"math": "Solve this math word problem step by step.", "code": "Write a Python function."}
     lines = [{"name": k, "instruction": v} for k, v in instr.items()] + [{"name": "math2", "instruction": instr["math"]}]
@@ -103,8 +108,7 @@ def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
     report = build("default", tasks, tmp_path / "out", keep=0.5)
     assert report.built == ["math", "code", "math2"] and report.shared == ["math2"]
     assert verify(tmp_path / "out") == ["code", "math", "math2"]
-    ep = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
-    prog = ifp.insert_masks(ep, predictor=PromptActivationPredictor(model, keep=0.5))
+    prog = smollm2_predicted[1]
     x = torch.randint(0, 1000, (1, 24))
     for name, text in instr.items():
         d = tmp_path / "out" / "tasks" / name
@@ -126,36 +130,6 @@ def test_build_instruction_tasks_on_smollm2(smollm2, tmp_path):
     assert len(find_onnx_ffn_blocks(ir.load(str(tmp_path / "out" / "base" / "model.onnx")))) == 30
     assert np.array_equal(np.fromfile(tmp_path / "out" / "tasks" / "math" / "ffn.bin", dtype=np.uint8),
                           np.fromfile(tmp_path / "out" / "tasks" / "math2" / "ffn.bin", dtype=np.uint8))
-
-
-def test_build_pt2_tasks_on_smollm2(smollm2, tmp_path):
-    """pt2 artifacts of the real model: the graph archive plus the task's own parameters stay
-    within the kept FFN bytes + 2 MB, and loading binds the shared base back exactly."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from ifp_compile.artifacts import SHARED_FILES, load_artifact
-    from ifp_compile.build import build
-
-    ep = ifp.export(smollm2[0], (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
-    torch.export.save(ep, str(tmp_path / "model.pt2"))
-    g = np.random.default_rng(0)
-    masks = [np.zeros(1536, np.float32) for _ in range(30)]
-    for m in masks:
-        m[g.permutation(1536)[:768]] = 1.0
-    save_file({f"ffn.{i}": m for i, m in enumerate(masks)}, str(tmp_path / "half.safetensors"))
-    (tmp_path / "tasks.jsonl").write_text(json.dumps({"name": "half", "mask": "half.safetensors"}) + "\n")
-    build(str(tmp_path / "model.pt2"), tmp_path / "tasks.jsonl", tmp_path / "out", formats=("pt2",))
-    d = tmp_path / "out" / "tasks" / "half"
-    kept = 30 * 768 * 3 * 576 * 4
-    own = sum(f.stat().st_size for f in d.iterdir() if f.name not in SHARED_FILES)
-    assert own - kept <= 2 * 2**20, f"own pt2 files exceed kept FFN bytes by {own - kept} bytes"
-    x = torch.randint(0, 1000, (1, 24))
-    with torch.no_grad():
-        ref = ifp.specialize(ep, mask=[torch.from_numpy(m) for m in masks]).module()(x)
-        torch.testing.assert_close(load_artifact(d, format="pt2").module()(x), ref, rtol=0, atol=0)
 
 
 def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
@@ -200,15 +174,21 @@ def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_bf16(smollm2):
-    """SmolLM2 de-quantized into bf16, and its masked program in float32 on the same weights."""
+    """SmolLM2 in bf16 (the fp32 de-quantized weights rounded once, as loading with
+    ``dtype="bf16"`` does), and its masked program in float32 on the same rounded weights."""
     import copy
 
-    from ifp_compile.real_model import load_smollm2
-
-    model, tok = load_smollm2(dtype="bf16")
-    ids = smollm2[3]
+    model32, tok, _, ids = smollm2
+    model = copy.deepcopy(model32)
+    with torch.no_grad():  # transformers refuses .to()/.float() on a model loaded from a quantized GGUF
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     ep = ifp.export(model, (ids,), dynamic_shapes="seq")
-    exact = ifp.insert_masks(ifp.export(copy.deepcopy(model).float(), (ids,), dynamic_shapes="seq"))
+    upcast = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in upcast.parameters():
+            p.data = p.data.float()
+    exact = ifp.insert_masks(ifp.export(upcast, (ids,), dynamic_shapes="seq"))
     return model, tok, ep, ids, exact
 
 
@@ -261,34 +241,45 @@ def test_bf16_instruction_specialization_on_smollm2(smollm2_bf16):
 
 def test_bf16_build_and_streamed_checkpoint_on_smollm2(smollm2_bf16, tmp_path):
     """SmolLM2 in bf16 saved as a Hugging Face directory: the build streams it (never loads
-    it), and its pt2 task and a saved artifact hold the in-RAM specialisation bit for bit."""
+    it), and its pt2 task and a saved artifact hold the in-RAM specialisation bit for bit.
+    (Instruction tasks from a streamed checkpoint: tests/weights/test_streaming.py.)"""
     import json
 
     from safetensors.numpy import save_file
 
-    from ifp_compile.artifacts import load_artifact
+    from ifp_compile.artifacts import SHARED_FILES, load_artifact
     from ifp_compile.build import build, verify
+
+    from safetensors.torch import save_file as save_tensors
 
     model, tok, ep, ids, _ = smollm2_bf16
     ckpt = tmp_path / "smollm2-bf16"
-    model.save_pretrained(ckpt)
+    ckpt.mkdir()
+    # transformers will not save_pretrained a model loaded from a (quantized) GGUF: write the
+    # Hugging Face layout directly (tied lm_head left out, as save_pretrained does)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_tensors(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
     tok.save_pretrained(ckpt)
     masks = [m.numpy() for m in _half_masks(ifp.find_ffn_blocks(ep), seed=1)]
     save_file({f"ffn.{i}": m for i, m in enumerate(masks)}, str(tmp_path / "half.safetensors"))
-    (tmp_path / "tasks.jsonl").write_text(
-        json.dumps({"name": "half", "mask": "half.safetensors"}) + "\n"
-        + json.dumps({"name": "math", "instruction": "Solve this math word problem."}) + "\n")
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"name": "half", "mask": "half.safetensors"}) + "\n")
     build(str(ckpt), tmp_path / "tasks.jsonl", tmp_path / "out", formats=("pt2",))
-    assert verify(tmp_path / "out") == ["half", "math"]
-    in_ram = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    assert verify(tmp_path / "out") == ["half"]
     x = torch.randint(0, 1000, (1, 24))
     with torch.no_grad():
-        ref = ifp.specialize(in_ram, mask=[torch.from_numpy(m) for m in masks]).module()(x)
+        ref = ifp.specialize(ep, mask=[torch.from_numpy(m) for m in masks]).module()(x)
         assert torch.equal(load_artifact(tmp_path / "out" / "tasks" / "half", format="pt2").module()(x), ref)
-    manifest = json.loads((tmp_path / "out" / "tasks" / "math" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "tasks" / "half" / "manifest.json").read_text())
     assert manifest["kept_channels"] == [768] * 30 and manifest["inputs"]["dtype"] == "model"
     kept = 30 * 768 * 3 * 576 * 2  # bf16
-    assert kept <= (tmp_path / "out" / "tasks" / "half" / "program.ffn.safetensors").stat().st_size <= kept + 2**20
+    d = tmp_path / "out" / "tasks" / "half"
+    assert kept <= (d / "program.ffn.safetensors").stat().st_size <= kept + 2**20
+    # the graph archive plus the task's own parameters stay within the kept FFN bytes + 2 MiB
+    own = sum(f.stat().st_size for f in d.iterdir() if f.name not in SHARED_FILES)
+    assert own - kept <= 2 * 2**20, f"own pt2 files exceed kept FFN bytes by {own - kept} bytes"
     # the Python API on the same directory: weightless capture, streamed save, exact load
     small = ifp.specialize(ifp.export_checkpoint(ckpt), mask=[torch.from_numpy(m) for m in masks])
     ifp.save(small, tmp_path / "task")

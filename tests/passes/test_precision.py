@@ -154,3 +154,22 @@ def test_instruction_specialization_with_both_predictors_in_half_precision(dtype
             assert_within_rounding(small.module()(x), ref, exact.module()(x, masks), dtype)
         kept = [int((m != 0).sum()) for m in masks]
         assert kept == [24, 24]
+
+
+def test_head_masks_in_bfloat16():
+    """Attention heads (insert_masks(heads=True), head_mask=) in bf16, within the same bound."""
+    lm = hf_model("llama").to(torch.bfloat16)
+    ep, ids = export_lm(lm)
+    exact_ep, _ = export_lm(copy.deepcopy(lm).float())
+    blocks, attention = ifp.find_ffn_blocks(ep), ifp.find_attention_blocks(ep)
+    assert len(attention) == 2
+    g = torch.Generator().manual_seed(6)
+    masks = [make_mask(b.width, "soft", g) for b in blocks]
+    heads = [torch.tensor([1.0, 0.0]), torch.tensor([0.7, 1.3])]  # drop a kv group; soft values into W_o
+    masked = ifp.insert_masks(ep, heads=True)
+    small = ifp.specialize(masked, mask=masks, head_mask=heads)
+    with torch.no_grad():
+        ref = masked.module()(ids, masks, heads)
+        exact = ifp.insert_masks(exact_ep, heads=True).module()(ids, masks, heads)
+        assert_within_rounding(small.module()(ids), ref, exact, torch.bfloat16)
+    assert ifp.count_parameters(small) == ifp.kept_parameters(masked, blocks + attention, masks + heads)

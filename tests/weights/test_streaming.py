@@ -9,12 +9,13 @@ in-RAM one, for binary and soft masks, in every dtype.
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
 import ifp_compile as ifp
 from ifp_compile.weights.checkpoint import Checkpoint
-from tests.helpers import breadth, make_mask
+from tests.helpers import assert_within_rounding, breadth, make_mask
 from tests.zoo import VOCAB, hf_model
 
 #: (family, dtype, shard size): sharded and single-file checkpoints, tied and untied heads
@@ -164,3 +165,28 @@ def test_predictors_run_layer_by_layer_from_the_checkpoint(tmp_path, monkeypatch
     small = ifp.materialize(ifp.specialize(prog, instr))
     ref = ifp.specialize(ifp.insert_masks(in_ram, predictor=pred_r), instr)
     assert all(torch.equal(small.state_dict[k], ref.state_dict[k]) for k in ref.state_dict)
+
+
+def test_streamed_onnx_artifact_is_the_in_ram_one_and_runs(tmp_path):
+    """ONNX with external data: the weightless program's artifact has the in-RAM one's bytes,
+    and onnxruntime runs it (fp16: its CPU provider has no bf16 kernels)."""
+    ort = pytest.importorskip("onnxruntime")
+    model = save_checkpoint(tmp_path / "ckpt", "llama", torch.float16)
+    ep = ifp.export_checkpoint(tmp_path / "ckpt")
+    in_ram = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
+    g = torch.Generator().manual_seed(4)
+    masks = [make_mask(b.width, k, g) for b, k in zip(ifp.find_ffn_blocks(ep), ["soft", "binary"])]
+    ifp.save(ifp.specialize(ep, mask=masks), tmp_path / "streamed", format="onnx")
+    reference = ifp.specialize(in_ram, mask=masks)
+    ifp.save(reference, tmp_path / "in_ram", format="onnx")
+    for name in ("model.onnx", "weights.bin", "manifest.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "in_ram" / name).read_bytes(), name
+    sess = ort.InferenceSession(str(tmp_path / "streamed" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, VOCAB, (1, 9), generator=g)
+    (out,) = sess.run(None, {"input_ids": ids.numpy()})
+    exact = ifp.materialize(ifp.insert_masks(ifp.export_checkpoint(tmp_path / "ckpt", dtype="float32")))
+    with torch.no_grad():
+        ref = reference.module()(ids)
+        exact_out = exact.module()(ids, [m.to(torch.float16).float() for m in masks])
+    assert out.dtype == np.float16
+    assert_within_rounding(torch.from_numpy(out), ref, exact_out, torch.float16)
