@@ -71,12 +71,16 @@ class _OnnxFolder:
         self.values = _values_by_name(self.graph)
         self.masks_removed: list[ir.Value] = []
 
-    def _new_initializer(self, name: str, value) -> ir.Value:
-        """A new initializer holding ``value``: a numpy array, or a tensor (lazy ones included)."""
+    def _unique_value_name(self, name: str) -> str:
         base, i = name, 0
         while name in self.graph.initializers or name in self.values:
             i += 1
             name = f"{base}_{i}"
+        return name
+
+    def _new_initializer(self, name: str, value) -> ir.Value:
+        """A new initializer holding ``value``: a numpy array, or a tensor (lazy ones included)."""
+        name = self._unique_value_name(name)
         tensor = ir.Tensor(value, name=name) if isinstance(value, np.ndarray) else value
         v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)
@@ -152,11 +156,21 @@ class _OnnxFolder:
             if last is not None and last.numpy().size == 1:
                 val = int(last.numpy().reshape(-1)[0])
                 if val > 0 and val % w == 0:
-                    if len(list(shape_v.uses())) > 1:
-                        raise ProgramError(f"FFN block {block.index}: Reshape shape {shape_v.name} is shared")
                     arr = np.array([val // w * k], dtype=last.numpy().dtype).reshape(last.numpy().shape)
-                    p.replace_input_with(len(p.inputs) - 1,
-                                         self._new_initializer(f"{p.inputs[-1].name}_ifp_ffn{block.index}", arr))
+                    new_last = self._new_initializer(f"{p.inputs[-1].name}_ifp_ffn{block.index}", arr)
+                    if len(list(shape_v.uses())) > 1:
+                        # the shape also feeds other Reshapes (CSE merges equal shape computations,
+                        # across blocks too): this Reshape gets its own Concat
+                        name = self._unique_value_name(f"{shape_v.name}_ifp_ffn{block.index}")
+                        clone = ir.Node(p.domain, "Concat", [*p.inputs[:-1], new_last], p.attributes.values(),
+                                        num_outputs=1, name=name)
+                        clone.outputs[0].name = name
+                        self.values[name] = clone.outputs[0]
+                        clone.outputs[0].shape, clone.outputs[0].type = shape_v.shape, shape_v.type
+                        self.graph.insert_before(node, clone)
+                        node.replace_input_with(1, clone.outputs[0])
+                    else:
+                        p.replace_input_with(len(p.inputs) - 1, new_last)
                 return
             if last is not None:
                 return
