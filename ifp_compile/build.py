@@ -54,7 +54,8 @@ from .errors import IFPError, MaskError
 from .progress import progress, status
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "gguf")
+TASK_GGUF = "model.gguf"  # a task's GGUF file (the gguf format)
 
 
 MASK_FILE = "mask.safetensors"
@@ -311,7 +312,24 @@ class Source:
                 self._onnx = export_onnx_model(ep, name="the base model")
         return self._onnx
 
+    def gguf_path(self) -> str:
+        """The GGUF file of a GGUF model (the default model's too)."""
+        if self.kind == "default":
+            from .real_model import GGUF_FILE, smollm2_dir
+
+            return str(Path(smollm2_dir()) / GGUF_FILE)
+        return self.model
+
     def widths(self) -> list[int]:
+        if self.kind in ("gguf", "default") and self._ep is None:
+            # the file's own FFN widths (the same blocks, in the same order, as the torch
+            # program's): a GGUF-only build of mask tasks never loads the model
+            from .gguf_task import GGUFError, gguf_widths
+
+            try:
+                return gguf_widths(self.gguf_path())
+            except GGUFError:
+                pass  # an architecture the gguf format does not cut: ask the torch program
         if self.kind == "onnx":
             from .onnx import find_onnx_ffn_blocks
 
@@ -356,8 +374,11 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str) -> dict:
+def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str,
+              gguf_down_type: str = "auto") -> dict:
     key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "tool_version": __version__}
+    if "gguf" in formats:
+        key["gguf_down_type"] = gguf_down_type
     if task.instruction is not None:
         key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
     else:
@@ -475,11 +496,14 @@ class BuildReport:
 
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
-          only: str | None = None, dtype=None) -> BuildReport:
+          only: str | None = None, dtype=None, gguf_down_type: str = "auto") -> BuildReport:
     """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
 
     ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
     artifacts compute in; a Hugging Face directory is streamed, never loaded (``Source``).
+    The ``gguf`` format (a GGUF model only) cuts each task's GGUF from the source file,
+    quantized tensors kept quantized; ``gguf_down_type`` is what ``ffn_down`` is stored as
+    (``gguf_task.write_task_gguf``).
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -499,21 +523,41 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     source = Source(model, keep, dtype)
     if source.kind == "onnx" and "pt2" in formats:
         raise BuildError(f"model {model} is ONNX: the pt2 format needs a torch model")
+    if "gguf" in formats:
+        from .gguf_task import DOWN_TYPES
+
+        if source.kind not in ("gguf", "default"):
+            raise BuildError(f"model {model}: the gguf format is cut from a GGUF model (give a .gguf file); "
+                             "writing GGUF from a Hugging Face checkpoint or a .pt2 is not supported: convert the "
+                             "checkpoint with llama.cpp's convert_hf_to_gguf.py, then build from that GGUF")
+        if gguf_down_type not in DOWN_TYPES:
+            raise BuildError(f"--gguf-down-type {gguf_down_type!r}: choose from {', '.join(DOWN_TYPES)}")
+        if dtype is not None:
+            raise BuildError("--dtype does not apply to the gguf format: a task's GGUF keeps the source's tensor "
+                             "types (see --gguf-down-type for ffn_down)")
     with _locked(out):
         for leftover in out.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         (out / "tasks").mkdir(exist_ok=True)
         with status("hashing the base model"):
             base_hash = model_hash(model)
-        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name()) for t in tasks}
+        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type) for t in tasks}
         todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
         report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
         if todo:
             # every mask is computed and checked before anything is written
             masks = {t.name: source.masks_for(t) for t in progress(todo, "computing masks")}
+            if "gguf" in formats:
+                from .gguf_task import GGUFError, check_masks
+
+                for t in todo:
+                    try:
+                        check_masks(source.gguf_path(), masks[t.name])
+                    except GGUFError as e:
+                        raise BuildError(f"task {t.name!r}: {e}") from None
             try:
                 base = _ensure_base(out, source, base_hash, formats)
-                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report)
+                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type)
             except OSError as e:  # a full disk, permissions: no partial task stays behind
                 for leftover in out.glob(".tmp-*"):
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -523,7 +567,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     return report
 
 
-def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) -> None:
+def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type="auto") -> None:
     digests = {name: mask_digest(m) for name, m in masks.items()}
     first: dict[str, str] = {}  # mask digest -> temp dir that holds its files
     tmps = {t.name: out / f".tmp-{t.name}-{os.getpid()}" for t in todo}
@@ -562,6 +606,14 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report) ->
             entry = infos.setdefault(t.name, {})
             entry.setdefault("files", {}).update(info.pop("files"))
             entry.update(info)
+    if "gguf" in formats:
+        from .gguf_task import write_task_gguf
+
+        for t in progress(jobs_needed, "writing GGUF files"):
+            g = write_task_gguf(source.gguf_path(), masks[t.name], tmps[t.name] / TASK_GGUF,
+                                down_type=gguf_down_type, task=t.name)
+            infos.setdefault(t.name, {}).update(gguf_ffn_down_types=sorted(set(g.down_types)),
+                                                 gguf_notes=g.notes)
     for t in todo:
         owner = first[digests[t.name]]
         tmp = tmps[t.name]
@@ -608,7 +660,8 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
         "files": {n: known.get(n) or sha256_file(tmp / n) for n in files},
         "tool_version": __version__,
     }
-    manifest.update({k: info[k] for k in ("pt2_own_weight_bytes", "pt2_base_linked") if k in info})
+    manifest.update({k: info[k] for k in ("pt2_own_weight_bytes", "pt2_base_linked", "gguf_ffn_down_types",
+                                          "gguf_notes") if k in info})
     atomic_write(tmp / "manifest.json", dump_json(manifest))
 
 

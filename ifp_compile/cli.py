@@ -111,7 +111,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
-                   jobs=args.jobs, only=args.only, dtype=args.dtype)
+                   jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type)
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
           f"{len(report.skipped)} up to date")
     return 0
@@ -185,7 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--tasks", required=True, help="tasks.jsonl")
     bd.add_argument("--out", required=True, help="output directory")
     bd.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio for instruction tasks (default 0.5)")
-    bd.add_argument("--format", default="onnx", help="comma-separated: onnx, pt2 (default onnx)")
+    bd.add_argument("--format", default="onnx",
+                    help="comma-separated: onnx, pt2, gguf (default onnx). gguf: from a GGUF model, each task's "
+                    "GGUF for llama.cpp/ollama, cut from the source file (quantized tensors stay quantized)")
+    bd.add_argument("--gguf-down-type", default="auto", choices=["auto", "source", "q8_0", "f16", "f32"],
+                    help="what a task GGUF's ffn_down (cut through its quantization blocks, so re-quantized) is "
+                    "stored as: 'auto' keeps the source's type when it has 8 bits or more and writes Q8_0 for "
+                    "4/5-bit sources; 'source' re-quantizes to the source's type; or q8_0 / f16 / f32. F16 where "
+                    "a width is not a multiple of the type's block (default auto)")
     bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
     bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel)")
     add_dtype_argument(bd, "the model's own (a checkpoint's config dtype; float32 for GGUF)")

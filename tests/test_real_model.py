@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -183,6 +185,7 @@ def smollm2_bf16(smollm2):
     with torch.no_grad():  # transformers refuses .to()/.float() on a model loaded from a quantized GGUF
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16  # what a checkpoint written from it declares
     ep = ifp.export(model, (ids,), dynamic_shapes="seq")
     upcast = copy.deepcopy(model)
     with torch.no_grad():
@@ -285,3 +288,57 @@ def test_bf16_build_and_streamed_checkpoint_on_smollm2(smollm2_bf16, tmp_path):
     ifp.save(small, tmp_path / "task")
     with torch.no_grad():
         assert torch.equal(ifp.load(tmp_path / "task").module()(x), ref)
+
+
+# --------------------------------------------------------------------------------------
+# GGUF for llama.cpp
+# --------------------------------------------------------------------------------------
+def test_gguf_tasks_of_smollm2_run_in_llamacpp(smollm2, smollm2_predicted, tmp_path):
+    """`build --format gguf` on the default model: the task files llama.cpp loads, with the
+    source's quantized rows; an all-ones task decodes exactly as the source, and a keep-0.5
+    task agrees with `ifp.specialize` at top-1 on teacher-forced positions about as well as
+    the source GGUF agrees with the dense program (llama.cpp quantizes activations to 8 bits)."""
+    pytest.importorskip("xllamacpp")
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ifp_compile.build import build, verify
+    from ifp_compile.generate import chat_ids
+    from ifp_compile.llamacpp import LlamaCpp, top1_agreement
+    from ifp_compile.real_model import GGUF_FILE, smollm2_dir
+
+    model, tok, ep, _ = smollm2
+    pred, _ = smollm2_predicted
+    masks = pred(tok("Solve this math word problem step by step.", return_tensors="pt")["input_ids"])
+    save_file({f"ffn.{i}": m.numpy() for i, m in enumerate(masks)}, str(tmp_path / "math.safetensors"))
+    save_file({f"ffn.{i}": np.ones(1536, np.float32) for i in range(30)}, str(tmp_path / "ones.safetensors"))
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"name": n, "mask": f"{n}.safetensors"}) + "\n"
+                                                  for n in ("math", "ones")))
+    build("default", tmp_path / "tasks.jsonl", tmp_path / "out", formats=("gguf",))
+    assert verify(tmp_path / "out") == ["math", "ones"]
+    source = Path(smollm2_dir()) / GGUF_FILE
+    task = tmp_path / "out" / "tasks" / "math" / "model.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(task).tensors}
+    assert tensors["blk.0.ffn_gate.weight"].tensor_type.name == "Q4_1"  # rows stay in the source's type
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"  # the cut tensor: --gguf-down-type auto
+    kept = 30 * 768 * (2 * 576 // 32 * 20 + 576 // 32 * 34)  # gate+up rows (Q4_1) + down (Q8_0)
+    src_ffn = 30 * 1536 * 3 * 576 // 32 * 20
+    assert sum(int(t.n_bytes) for t in tensors.values()) == sum(
+        int(t.n_bytes) for t in gguf.GGUFReader(source).tensors) - src_ffn + kept
+
+    prompts = [chat_ids(tok, p)[0].tolist() for p in ("What is 12 times 3?", "Name three colours.")]
+    with LlamaCpp(source) as dense, LlamaCpp(tmp_path / "out" / "tasks" / "ones" / "model.gguf") as ones:
+        sequences = []
+        for ids in prompts:
+            answer, _ = dense.greedy(ids, 48)
+            assert ones.greedy(ids, 48)[0] == answer
+            sequences.append((len(ids), ids + answer))
+        dense_agreement = top1_agreement(dense, ep, sequences)
+    with LlamaCpp(task) as small_llm:
+        agreement = top1_agreement(small_llm, ifp.specialize(ep, mask=masks), sequences)
+    assert dense_agreement >= 0.85, dense_agreement
+    assert agreement >= 0.8 and agreement >= dense_agreement - 0.15, (agreement, dense_agreement)
+
