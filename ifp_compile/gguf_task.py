@@ -22,7 +22,7 @@ unit whose *inputs* are the FFN channels: dropping channels cuts through its blo
 kept columns are de-quantized, multiplied by the mask's soft scales in float32 and
 quantized again with gguf-py's reference quantizers: by default to Q8_0 when the source
 is a 4- or 5-bit type (a second 4-bit rounding over regrouped blocks costs far more than
-the bytes it saves: docs/results.md, "GGUF"), to the source's own type on request
+the bytes it saves: docs/results.md, "GGUF tasks in llama.cpp"), to the source's own type on request
 (``down_type="source"``), or written as F16 / F32. A layer that keeps every channel at
 unit scale is copied as it is, and, re-quantizing to the source's type, output blocks
 whose 32 kept channels are one aligned source block with unit scale are copied from the
