@@ -264,12 +264,13 @@ def write_task_gguf(source, masks, out, *, down_type: str = "auto", task: str | 
     arch = _field(reader, "general.architecture")
     widths = [int(k.size) for k, _ in kept]
     by_tensor: dict[str, tuple] = {}
+    tensors = {t.name: t for t in reader.tensors}
     info = GGUFTaskInfo(Path(out), widths, [])
     for layer, (keep, scale) in zip(layers, kept):
         for name in (layer.gate, layer.up, *layer.biases):
             if name is not None:
                 by_tensor[name] = ("rows", keep)
-        down = next(t for t in reader.tensors if t.name == layer.down)
+        down = tensors[layer.down]
         intact = keep.size == layer.width and bool(np.all(scale == 1.0))  # nothing cut: copied as it is
         qtype, note = _down_type(down_type, down.tensor_type, keep.size, intact)
         if note:
@@ -313,16 +314,12 @@ def write_task_gguf(source, masks, out, *, down_type: str = "auto", task: str | 
         for t in reader.tensors:
             plan = by_tensor.get(t.name)
             shape = [int(s) for s in t.shape]  # ggml order [ne0, ne1, ...]
-            if plan is None:
-                qtype, nbytes = t.tensor_type, t.data.nbytes
-            elif plan[0] == "rows":
+            qtype = t.tensor_type
+            if plan is not None and plan[0] == "rows":
                 shape[-1] = int(plan[1].size)
-                qtype = t.tensor_type
-                nbytes = t.data[:1].nbytes * int(plan[1].size) if t.data.ndim > 1 else t.data.itemsize * int(plan[1].size)
-            else:
-                shape[0] = int(plan[1].size)
-                qtype = plan[3]
-                nbytes = _nbytes(qtype, shape)
+            elif plan is not None:
+                shape[0], qtype = int(plan[1].size), plan[3]
+            nbytes = _nbytes(qtype, shape)
             sizes.append(nbytes)
             writer.add_tensor_info(t.name, list(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
         writer.write_header_to_file()

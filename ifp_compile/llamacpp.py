@@ -60,14 +60,19 @@ class LlamaCpp:
 
     def greedy(self, prompt_ids, n: int) -> tuple[list[int], Timing]:
         """``n`` greedy tokens after ``prompt_ids`` (no BOS added), and the timings."""
-        r = self._server.handle_completions({
-            "prompt": [int(i) for i in prompt_ids], "n_predict": int(n), "temperature": 0.0, "top_k": 1,
-            "logprobs": 1, "cache_prompt": False, "ignore_eos": True})
-        if "error" in r:
-            raise IFPError(f"llama.cpp failed on {self.path}: {r['error']}")
+        r = self._complete(prompt_ids, n, cache_prompt=False)
         ids = [int(c["id"]) for c in r["choices"][0]["logprobs"]["content"]]
         t = r["timings"]
         return ids, Timing(int(t["prompt_n"]), float(t["prompt_ms"]), int(t["predicted_n"]), float(t["predicted_ms"]))
+
+    def _complete(self, prompt_ids, n: int, *, cache_prompt: bool) -> dict:
+        """One greedy completion request, with each generated token's id in ``logprobs``."""
+        r = self._server.handle_completions({
+            "prompt": [int(i) for i in prompt_ids], "n_predict": int(n), "temperature": 0.0, "top_k": 1,
+            "logprobs": 1, "cache_prompt": cache_prompt, "ignore_eos": True})
+        if "error" in r:
+            raise IFPError(f"llama.cpp failed on {self.path}: {r['error']}")
+        return r
 
     def next_tokens(self, ids, start: int) -> list[int]:
         """llama.cpp's greedy next token after each prefix ``ids[:i]``, ``start <= i < len(ids)``
@@ -75,11 +80,7 @@ class LlamaCpp:
         prompt cache makes each step one token of work)."""
         out = []
         for i in range(start, len(ids)):
-            r = self._server.handle_completions({
-                "prompt": [int(t) for t in ids[:i]], "n_predict": 1, "temperature": 0.0, "top_k": 1,
-                "logprobs": 1, "cache_prompt": True, "ignore_eos": True})
-            if "error" in r:
-                raise IFPError(f"llama.cpp failed on {self.path}: {r['error']}")
+            r = self._complete(ids[:i], 1, cache_prompt=True)
             out.append(int(r["choices"][0]["logprobs"]["content"][0]["id"]))
         return out
 
