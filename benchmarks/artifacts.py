@@ -6,6 +6,8 @@
    ``torch.onnx.export`` of the specialised program + saving it.   target: >= 20x faster
 2. disk per task with the shared base vs the kept FFN bytes.      target: <= kept + 2 MB
    The same for the pt2 format (graph archive + own parameters, base parameters shared).
+   A task directory copied alone (links dereferenced: ``export-task``) vs a self-contained
+   specialised model of the same format.                          target: <= 1.1x
 3. onnxruntime latency, specialised vs dense, 128-token prompt, vs the ideal FLOP ratio.
 4. ``build`` of N mask tasks with ``--jobs 2`` vs ``--jobs 1``.
 """
@@ -30,14 +32,14 @@ from safetensors.numpy import save_file
 import ifp_compile as ifp
 from ifp_compile.stats import count_flops
 from ifp_compile.artifacts import (
-    BASE_PARAMETERS,
+    BASE_SHARED,
     PT2_FILES,
     SHARED_FILES,
     load_artifact,
     write_task_onnx,
     write_task_pt2,
 )
-from ifp_compile.program_weights import parameters, write_parameters
+from ifp_compile.program_weights import ffn_parameter_names, parameters, write_parameters
 from ifp_compile.build import _load_base, build
 from ifp_compile.onnx import export_onnx, find_onnx_ffn_blocks, specialize_onnx
 from ifp_compile.progress import status
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         base = _load_base(work / "out" / "base" / "model.onnx")  # memory-mapped (the file is hard-linked)
         assert len(find_onnx_ffn_blocks(base)) == len(blocks)
         base_manifest = json.loads((work / "out" / "base" / "manifest.json").read_text())
-        base_table, base_sha = base_manifest["tensors"], base_manifest["files"]["weights.bin"]
+        base_table, base_sha = base_manifest["tensors"], base_manifest["files"]["shared.bin"]
         task_times = []
         for i in range(5):
             t0 = time.perf_counter()
@@ -116,7 +118,11 @@ def main(argv=None) -> int:
             task_times.append(time.perf_counter() - t0)
         t_task = statistics.median(task_times)
         task_dir = work / "out" / "tasks" / "t0"
-        own = sum(f.stat().st_size for f in task_dir.iterdir() if f.name != "base.bin")
+        own = sum(f.stat().st_size for f in task_dir.iterdir() if f.name not in SHARED_FILES)
+        t0 = time.perf_counter()
+        ifp.export_task(work / "out", "t0", work / "shipped-onnx")
+        t_export = time.perf_counter() - t0
+        shipped_onnx = sum(f.stat().st_size for f in (work / "shipped-onnx").iterdir())
 
         # --- 2b. the pt2 format: self-contained archive vs graph + own parameters ----------
         t0 = time.perf_counter()
@@ -124,13 +130,15 @@ def main(argv=None) -> int:
         t_pt2_full = time.perf_counter() - t0
         pt2_full_size = (work / "full.pt2").stat().st_size
         (work / "pt2base").mkdir()
-        pt2_base_sha = write_parameters(parameters(ep), work / "pt2base" / BASE_PARAMETERS)
+        ffn_names = ffn_parameter_names(ep)
+        pt2_base_sha = write_parameters({k: t for k, t in parameters(ep).items() if k not in ffn_names},
+                                        work / "pt2base" / BASE_SHARED)
         pt2_times = []
         for i in range(3):
             d = work / f"pt2task{i}"
             d.mkdir()
             t0 = time.perf_counter()
-            write_task_pt2(ifp.specialize(ep, mask=masks), ep, d, work / "pt2base", pt2_base_sha)  # as build does
+            write_task_pt2(ifp.specialize(ep, mask=masks), ep, d, work / "pt2base", pt2_base_sha, ffn_names)
             pt2_times.append(time.perf_counter() - t0)
         t_pt2 = statistics.median(pt2_times)
         # a pt2-only build of the same task (from the program saved as .pt2: no reload):
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
         pt2_dir = work / "out-pt2" / "tasks" / "t0"
         pt2_own = sum(f.stat().st_size for f in pt2_dir.iterdir() if f.name not in SHARED_FILES)
         pt2_graph = (work / "pt2task0" / PT2_FILES["program"]).stat().st_size
+        ifp.export_task(work / "out-pt2", "t0", work / "shipped-pt2")
+        shipped_pt2 = sum(f.stat().st_size for f in (work / "shipped-pt2").iterdir())
 
         # --- 3. onnxruntime latency -----------------------------------------------------
         x = torch.randint(0, 1000, (1, args.tokens))
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
         job_times = {}
         onnx_model = work / "onnx-model"  # the base as a plain ONNX model (own copy, no hard links)
         onnx_model.mkdir()
-        for f in ("model.onnx", "weights.bin"):
+        for f in ("model.onnx", "shared.bin", "ffn.bin"):
             shutil.copyfile(work / "out" / "base" / f, onnx_model / f)
         for jobs in (1, 2):
             out = work / f"many{jobs}"
@@ -197,6 +207,13 @@ def main(argv=None) -> int:
         print(row("  of which the weightless graph archive", f"{pt2_graph / 2**20:.2f} MiB"))
         print(row("  own - kept FFN bytes", f"{(pt2_own - kept_bytes) / 2**20:.2f} MiB", "<= 2 MiB",
                   pt2_own - kept_bytes <= 2 * 2**20))
+        print(row("task copied alone (export-task, ONNX), whole dir", f"{shipped_onnx / 2**20:.1f} MiB"))
+        print(row("  / full ONNX copy of the specialised model", f"{shipped_onnx / full_size:.3f}x", "<= 1.1x",
+                  shipped_onnx <= 1.1 * full_size))
+        print(row("  export-task time (copy + sha256 of the copy)", f"{t_export:.2f} s"))
+        print(row("task copied alone (export-task, pt2), whole dir", f"{shipped_pt2 / 2**20:.1f} MiB"))
+        print(row("  / self-contained pt2 archive", f"{shipped_pt2 / pt2_full_size:.3f}x", "<= 1.1x",
+                  shipped_pt2 <= 1.1 * pt2_full_size))
         print(row(f"onnxruntime {args.tokens}-token prompt, dense", f"{1e3 * lat_dense:.1f} ms"))
         print(row(f"onnxruntime {args.tokens}-token prompt, specialised", f"{1e3 * lat_small:.1f} ms"))
         print(row("  speedup vs ideal FLOP ratio", f"{lat_dense / lat_small:.3f}x / {ideal:.3f}x = "

@@ -15,6 +15,7 @@ from .blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
 from .capture import CausalLMLogits, export, export_checkpoint
 from .eager import to_module
 from .errors import IFPError, InstructionError, MaskError, NoFFNFoundError, ProgramError
+from .export_task import export_task
 from .save_load import load, save
 from .weights import Checkpoint, CheckpointError, is_weightless, materialize
 from .passes import attention_report, find_attention_blocks, find_ffn_blocks, insert_masks, predict_masks, specialize
@@ -37,6 +38,7 @@ __all__ = [
     "count_parameters",
     "export",
     "export_checkpoint",
+    "export_task",
     "Checkpoint",
     "CheckpointError",
     "is_weightless",

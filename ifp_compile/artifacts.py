@@ -3,22 +3,31 @@
 Layout of a build directory (see ``build.py`` for how it is filled)::
 
     DIR/index.json                    every task: artifact dir, kept parameters, mask hash
-    DIR/base/model.onnx, weights.bin  the base model, written once per base model hash
-    DIR/base/parameters.safetensors   with pt2: the base program's parameters, once
-    DIR/base/manifest.json            sha256 and offset of every base tensor
+    DIR/base/model.onnx               the base model, written once per base model hash
+    DIR/base/shared.bin               its weights no task slices (embeddings, attention, norms, head)
+    DIR/base/ffn.bin                  its dense FFN weights: what tasks are sliced from
+    DIR/base/shared.safetensors       with pt2: the base program's parameters no task slices
+    DIR/base/ffn.safetensors          with pt2: its dense FFN parameters
+    DIR/base/manifest.json            sha256 of every base file, file and offset of every tensor
     DIR/tasks/<name>/model.onnx       the specialised graph
-    DIR/tasks/<name>/base.bin         hard link to DIR/base/weights.bin (no extra disk)
-    DIR/tasks/<name>/ffn.bin          only this task's sliced FFN weights
+    DIR/tasks/<name>/shared.bin       hard link to DIR/base/shared.bin (no extra disk)
+    DIR/tasks/<name>/ffn.bin          only this task's FFN weights (sliced, or whole where a layer is kept)
     DIR/tasks/<name>/program.pt2      with pt2: the specialised program, parameters left out
-    DIR/tasks/<name>/program.ffn.safetensors   its own (sliced FFN) parameters
-    DIR/tasks/<name>/program.base.safetensors  hard link to DIR/base/parameters.safetensors
+    DIR/tasks/<name>/program.ffn.safetensors     its own FFN parameters
+    DIR/tasks/<name>/program.shared.safetensors  hard link to DIR/base/shared.safetensors
     DIR/tasks/<name>/manifest.json    inputs, hashes of every file, parameter counts
 
 Why a hard link: ONNX Runtime and ``onnx.load`` refuse external data outside the
 model's directory (``../base`` is rejected), so each task directory must contain the
-base weights; a hard link costs no disk and keeps every task directory self-contained.
-Where hard links are impossible the file is copied and the manifest says so. The pt2
-program shares the base the same way (``program_weights`` says how).
+weights it shares with the base; a hard link costs no disk and keeps every task
+directory self-contained. Where hard links are impossible the file is copied and the
+manifest says so. The pt2 program shares the base the same way (``program_weights``).
+
+Why the base's weights are split in two: a task directory is shipped on its own (``cp
+-L``, a container layer, a download to a phone: links dereferenced). If it linked the
+whole base it would carry the dense FFN weights it never reads (1.8x a self-contained
+model on SmolLM2 at keep 0.5); linking only the shared part, it is the size of a
+self-contained specialised model. ``export_task`` writes such a copy.
 
 Every file is written to a temporary name and renamed (atomic); a task directory is
 assembled under a temporary name and renamed into place, so a killed build never leaves
@@ -41,10 +50,12 @@ from .errors import IFPError
 
 ALIGN = 64
 INLINE_BYTES = 1024  # smaller tensors stay in the protobuf
-BASE_PARAMETERS = "parameters.safetensors"  # in DIR/base
-PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "base": "program.base.safetensors",
+LAYOUT = 2  # of a build directory; 1 linked the whole base (dense FFN weights too) into every task
+SHARED_BIN, FFN_BIN = "shared.bin", "ffn.bin"  # ONNX external data: weights every task shares / FFN weights
+BASE_SHARED, BASE_FFN = "shared.safetensors", "ffn.safetensors"  # pt2 parameters, in DIR/base
+PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "shared": "program.shared.safetensors",
              "alone": "program.safetensors"}
-SHARED_FILES = frozenset({"base.bin", PT2_FILES["base"]})  # hard links to the base: no disk of their own
+SHARED_FILES = frozenset({SHARED_BIN, PT2_FILES["shared"]})  # hard links to the base: no disk of their own
 
 
 class ArtifactError(IFPError):
@@ -181,43 +192,58 @@ def _write_model(model, directory: Path, packers: dict[str, _Packer], choose, *,
     return hashlib.sha256(data).hexdigest()
 
 
-def write_base(model, directory: Path) -> dict[str, Any]:
+def write_base(model, directory: Path, ffn_names) -> dict[str, Any]:
     """Write the base model (graph + every initializer) to ``directory``; returns its table.
 
-    The table maps initializer name -> [offset, length] in ``weights.bin``; tasks reuse a
-    base tensor when their initializer has the same name and size (see ``write_task_onnx``).
+    The initializers named in ``ffn_names`` (what specialisation slices) go to
+    ``ffn.bin``, every other one to ``shared.bin``. The table maps initializer name ->
+    [file, offset, length]; tasks point at a ``shared.bin`` tensor when their initializer
+    has its name and size (see ``write_task_onnx``).
     """
+    ffn_names = set(ffn_names)
+    return write_packed(model, directory, lambda name: FFN_BIN if name in ffn_names else SHARED_BIN)
+
+
+def write_packed(model, directory: Path, location_of) -> dict[str, Any]:
+    """``model.onnx`` with each large initializer in the external file ``location_of(name)``
+    (tensors streamed one at a time, each file renamed into place when complete)."""
     directory.mkdir(parents=True, exist_ok=True)
-    packer = _Packer(directory / ".weights.bin.tmp")
+    packers: dict[str, _Packer] = {}
     table: dict[str, list] = {}
 
     def choose(value):
-        span = packer.add(_tensor_bytes(value.const_value))
-        table[value.name] = list(span)
-        return "weights.bin", span
+        location = location_of(value.name)
+        if location not in packers:
+            packers[location] = _Packer(directory / f".{location}.tmp")
+        span = packers[location].add(_tensor_bytes(value.const_value))
+        table[value.name] = [location, *span]
+        return location, span
 
     from .passes.onnx_specialize import clone_model  # needs the onnx extra
 
     model = clone_model(model)  # re-point the copy's initializers, never the caller's
     try:
-        _write_model(model, directory, {"weights.bin": packer}, choose)
+        _write_model(model, directory, packers, choose)
     finally:
-        packer.close()
-    os.replace(directory / ".weights.bin.tmp", directory / "weights.bin")
+        for packer in packers.values():
+            packer.close()
+    for location in packers:
+        os.replace(directory / f".{location}.tmp", directory / location)
     return table
 
 
 def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str, Any],
-                    base_sha256: str | None = None) -> dict[str, Any]:
+                    shared_sha256: str | None = None) -> dict[str, Any]:
     """Write a specialised ONNX model into a (temporary) task directory.
 
-    Tensors identical to a base tensor point into ``base.bin`` (a hard link to the base
-    weights); the rest (the task's sliced FFN weights) go to ``ffn.bin``. Returns the
-    sha256 of every file written under ``"files"``; ``base_sha256`` (from the base
-    manifest) spares re-hashing the 540 MB base for every task.
+    Tensors identical to a shared base tensor point into ``shared.bin`` (a hard link to
+    the base's); the rest -- the task's FFN weights, sliced or (a layer kept whole) not --
+    go to ``ffn.bin``. Returns the sha256 of every file written under ``"files"``;
+    ``shared_sha256`` (from the base manifest) spares re-hashing the shared weights for
+    every task.
     """
-    linked = link_or_copy(base_dir / "weights.bin", directory / "base.bin")
-    packer = _Packer(directory / "ffn.bin")
+    linked = link_or_copy(base_dir / SHARED_BIN, directory / SHARED_BIN)
+    packer = _Packer(directory / FFN_BIN)
     own = 0
 
     def choose(value):
@@ -225,33 +251,35 @@ def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str
         # get new names), so a base name with the base size is the base tensor
         nonlocal own
         entry = base_table.get(value.name)
-        if entry is not None and entry[1] == value.const_value.nbytes:
-            return "base.bin", (entry[0], entry[1])
+        if entry is not None and entry[0] == SHARED_BIN and entry[2] == value.const_value.nbytes:
+            return SHARED_BIN, (entry[1], entry[2])
         own += value.const_value.nbytes
-        return "ffn.bin", None
+        return FFN_BIN, None
 
     try:
-        graph_sha = _write_model(model, directory, {"ffn.bin": packer}, choose, strip_metadata=True)
+        graph_sha = _write_model(model, directory, {FFN_BIN: packer}, choose, strip_metadata=True)
     finally:
         packer.close()
-    files = {"model.onnx": graph_sha, "ffn.bin": packer.sha256.hexdigest(),
-             "base.bin": base_sha256 or sha256_file(directory / "base.bin")}
+    files = {"model.onnx": graph_sha, FFN_BIN: packer.sha256.hexdigest(),
+             SHARED_BIN: shared_sha256 or sha256_file(directory / SHARED_BIN)}
     return {"base_linked": linked, "own_weight_bytes": own, "files": files}
 
 
-def write_task_pt2(small, base_program, directory: Path, base_dir: Path, base_sha256: str) -> dict[str, Any]:
+def write_task_pt2(small, base_program, directory: Path, base_dir: Path, shared_sha256: str,
+                   ffn_names) -> dict[str, Any]:
     """Write a specialised program into a (temporary) task directory, sharing the base.
 
     ``program.pt2`` holds the graph with its parameters left out; the parameters that are
-    not the base program's (the sliced FFN weights) go to ``program.ffn.safetensors``; the
-    rest are read from ``program.base.safetensors``, a hard link to the base's file.
+    not the base program's shared ones (its FFN weights, sliced or whole) go to
+    ``program.ffn.safetensors``; the rest are read from ``program.shared.safetensors``, a
+    hard link to the base's ``shared.safetensors`` (every base parameter not in ``ffn_names``).
     """
     from .program_weights import own_parameters
 
-    linked = link_or_copy(base_dir / BASE_PARAMETERS, directory / PT2_FILES["base"])
-    own = own_parameters(small, base_program)
+    linked = link_or_copy(base_dir / BASE_SHARED, directory / PT2_FILES["shared"])
+    own = own_parameters(small, base_program, not_shared=ffn_names)
     files = write_program(small, own, directory, PT2_FILES["own"])
-    files[PT2_FILES["base"]] = base_sha256
+    files[PT2_FILES["shared"]] = shared_sha256
     return {"pt2_base_linked": linked, "pt2_own_weight_bytes": sum(t.nbytes for t in own.values()), "files": files}
 
 
@@ -329,7 +357,7 @@ def _inline_external_data(model, directory: Path, allowed: set[str]) -> None:
     """Read external tensors into the proto ourselves.
 
     ``onnx.load`` refuses external data in a file with several hard links (its guard
-    against hard-link attacks), which is exactly how tasks share ``base.bin``; ONNX
+    against hard-link attacks), which is exactly how tasks share ``shared.bin``; ONNX
     Runtime accepts it. The files were just checked against their sha256, and only
     names listed in the manifest (plain file names in this directory) are read.
     """
@@ -359,7 +387,7 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
 
     ``format="onnx"`` returns an ``onnx.ModelProto`` (external data loaded);
     ``format="pt2"`` returns the ExportedProgram (``torch.export.load``, no pickle), its
-    parameters bound from the task's own file and then the base's.
+    parameters bound from the task's own file and then the shared one.
     """
     path = Path(path)
     manifest = verify_artifact(path) if verify else json.loads((path / "manifest.json").read_text())
@@ -382,8 +410,8 @@ def load_artifact(path, *, format: str = "onnx", verify: bool = True):
         if PT2_FILES["alone"] in manifest["files"]:  # ifp_compile.save: every parameter in one file
             alone = path / PT2_FILES["alone"]
             return bind_parameters(program, (str(alone), read_parameters(alone)))
-        own_file, base_file = path / PT2_FILES["own"], path / PT2_FILES["base"]
+        own_file, shared_file = path / PT2_FILES["own"], path / PT2_FILES["shared"]
         own = read_parameters(own_file)
-        base = read_parameters(base_file, names=set(parameters(program)) - set(own))  # not the base's FFN weights
-        return bind_parameters(program, (str(own_file), own), (str(base_file), base))
+        shared = read_parameters(shared_file, names=set(parameters(program)) - set(own))
+        return bind_parameters(program, (str(own_file), own), (str(shared_file), shared))
     raise ArtifactError(f"unknown artifact format {format!r} (onnx or pt2)")

@@ -36,7 +36,11 @@ import numpy as np
 
 from . import __version__
 from .artifacts import (
-    BASE_PARAMETERS,
+    BASE_FFN,
+    BASE_SHARED,
+    FFN_BIN,
+    LAYOUT,
+    SHARED_BIN,
     SHARED_FILES,
     ArtifactError,
     atomic_write,
@@ -376,7 +380,8 @@ def _prepare_out(out: Path) -> None:
 
 def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str,
               gguf_down_type: str = "auto") -> dict:
-    key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "tool_version": __version__}
+    key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "layout": LAYOUT,
+           "tool_version": __version__}
     if "gguf" in formats:
         key["gguf_down_type"] = gguf_down_type
     if task.instruction is not None:
@@ -405,10 +410,10 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     if (base / "manifest.json").is_file():
         data = json.loads((base / "manifest.json").read_text())
         if (data.get("base_model_sha256") != base_hash or data.get("dtype") != dtype
-                or not all((base / f).is_file() for f in data.get("files", {}))):
-            data = {}  # another model or dtype: a new base (tasks keep theirs through their hard links)
-    need_onnx = "onnx" in formats and "weights.bin" not in data.get("files", {})
-    need_pt2 = "pt2" in formats and BASE_PARAMETERS not in data.get("files", {})
+                or data.get("layout") != LAYOUT or not all((base / f).is_file() for f in data.get("files", {}))):
+            data = {}  # another model, dtype or layout: a new base (tasks keep theirs through their hard links)
+    need_onnx = "onnx" in formats and SHARED_BIN not in data.get("files", {})
+    need_pt2 = "pt2" in formats and BASE_SHARED not in data.get("files", {})
     if not (need_onnx or need_pt2):
         return data
     tmp = out / f".tmp-base-{os.getpid()}"
@@ -417,24 +422,33 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     files = dict(data.get("files", {}))
     for name in files:
         link_or_copy(base / name, tmp / name)
-    data = {"base_model_sha256": base_hash, "dtype": dtype, "model": str(source.model),
+    data = {"base_model_sha256": base_hash, "dtype": dtype, "layout": LAYOUT, "model": str(source.model),
             "tensors": data.get("tensors", {}), "files": files, "tool_version": __version__}
     if need_onnx:
-        with status("writing the shared base weights (ONNX)"):
-            data["tensors"] = write_base(source.onnx(), tmp)
-        files.update(file_hashes(tmp, ["model.onnx", "weights.bin"]))
-    if need_pt2:
-        from .program_weights import parameters, write_parameters
+        from .onnx import find_onnx_ffn_blocks
 
-        files[BASE_PARAMETERS] = write_parameters(parameters(source.programs()[0]), tmp / BASE_PARAMETERS,
-                                                  description="writing the shared base parameters (pt2)")
+        model = source.onnx()
+        ffn = {p.name for block in find_onnx_ffn_blocks(model) for p in block.params}
+        with status("writing the base weights (ONNX): shared, and the dense FFN weights tasks are sliced from"):
+            data["tensors"] = write_base(model, tmp, ffn)
+        files.update(file_hashes(tmp, ["model.onnx", *sorted({entry[0] for entry in data["tensors"].values()})]))
+    if need_pt2:
+        from .program_weights import ffn_parameter_names, parameters, write_parameters
+
+        everything = parameters(source.programs()[0])
+        ffn = ffn_parameter_names(source.programs()[0])
+        files[BASE_SHARED] = write_parameters({k: t for k, t in everything.items() if k not in ffn}, tmp / BASE_SHARED,
+                                              description="writing the base parameters every task shares (pt2)")
+        files[BASE_FFN] = write_parameters({k: t for k, t in everything.items() if k in ffn}, tmp / BASE_FFN,
+                                           description="writing the base's dense FFN parameters (pt2)")
+        data["pt2_ffn_parameters"] = sorted(ffn)
     data["files"] = dict(sorted(files.items()))
     atomic_write(tmp / "manifest.json", dump_json(data))
     replace_dir(tmp, base)
     return data
 
 
-def _onnx_task(base_dir: str, base_table: dict, base_sha256: str, masks, tmp: str) -> dict:
+def _onnx_task(base_dir: str, base_table: dict, shared_sha256: str, masks, tmp: str) -> dict:
     """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too)."""
     from .onnx import initializer_count, specialize_onnx
 
@@ -446,7 +460,7 @@ def _onnx_task(base_dir: str, base_table: dict, base_sha256: str, masks, tmp: st
         base = _BASE_CACHE[cache_key] = _load_base(path)
     small = specialize_onnx(base, [np.asarray(m, dtype=np.float32) for m in masks])
     scalars = initializer_count(small)
-    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table, base_sha256)
+    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table, shared_sha256)
     info["onnx_initializer_scalars"] = scalars
     return info
 
@@ -455,10 +469,10 @@ _BASE_CACHE: dict = {}
 
 
 def _load_base(path: Path):
-    """The base ONNX model, each weight read from ``weights.bin`` only when it is used.
+    """The base ONNX model, each weight read from ``shared.bin`` or ``ffn.bin`` only when it is used.
 
     onnx_ir refuses to read external data from a file with several hard links (a guard
-    against hard-link attacks); the base weights have one link per task by design, and
+    against hard-link attacks); the shared weights have one link per task by design, and
     the file is ours, so it is read directly. Each initializer is a lazy tensor reading
     its byte range with a plain file read (no memory map: the pages of a mapping stay in
     the process's resident set, and a task of an 8B model touches gigabytes of them).
@@ -466,13 +480,14 @@ def _load_base(path: Path):
     import onnx_ir as ir
 
     model = ir.load(str(path))
-    weights = path.parent / "weights.bin"
     for value in model.graph.initializers.values():
         t = value.const_value
         if isinstance(t, ir.ExternalTensor):
-            if t.location != "weights.bin":
-                raise ArtifactError(f"{path}: tensor {value.name} points at {t.location!r}, not weights.bin")
-            value.const_value = ir.LazyTensor(_file_reader(weights, t), dtype=t.dtype, shape=t.shape, name=value.name)
+            if t.location not in (SHARED_BIN, FFN_BIN):
+                raise ArtifactError(f"{path}: tensor {value.name} points at {t.location!r}, "
+                                    f"not {SHARED_BIN} or {FFN_BIN}")
+            value.const_value = ir.LazyTensor(_file_reader(path.parent / t.location, t), dtype=t.dtype,
+                                              shape=t.shape, name=value.name)
     return model
 
 
@@ -581,7 +596,7 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gg
     infos: dict[str, dict] = {}
     base_dir = str(out / "base")
     if "onnx" in formats:
-        base_sha = base["files"]["weights.bin"]
+        base_sha = base["files"][SHARED_BIN]
         args = [(base_dir, base["tensors"], base_sha, masks[t.name], str(tmps[t.name])) for t in jobs_needed]
         if jobs > 1 and len(args) > 1:
             import multiprocessing as mp
@@ -601,7 +616,8 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gg
         ep = source.programs()[0]
         for t in progress(jobs_needed, "writing pt2 programs"):
             small = specialize(ep, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
-            info = write_task_pt2(small, ep, tmps[t.name], out / "base", base["files"][BASE_PARAMETERS])
+            info = write_task_pt2(small, ep, tmps[t.name], out / "base", base["files"][BASE_SHARED],
+                                  base["pt2_ffn_parameters"])
             info["pt2_parameters"] = _count(small)
             entry = infos.setdefault(t.name, {})
             entry.setdefault("files", {}).update(info.pop("files"))
@@ -677,10 +693,14 @@ def _write_index(out: Path) -> None:
 
 
 def verify(out) -> list[str]:
-    """Check every task of a build directory (and the base); returns the task names."""
+    """Check every task of a build directory (and the base), or one task directory (an
+    ``export-task`` copy); returns the task names."""
     out = Path(out)
+    if not (out / "index.json").is_file() and (out / "manifest.json").is_file():
+        return [verify_artifact(out)["name"]]
     if not (out / "index.json").is_file():
-        raise ArtifactError(f"{out}: not an ifp-compile build directory (no index.json)")
+        raise ArtifactError(f"{out}: not an ifp-compile build directory (no index.json) nor a task directory "
+                            "(no manifest.json)")
     cache: dict = {}
     base = out / "base"
     if base.exists():

@@ -4,7 +4,8 @@ Subcommands:
   demo     the README demo on SmolLM2-135M-Instruct (see ``ifp_compile.demo``)
   blocks   the FFN blocks discovery finds in a saved program (``.pt2``) or in SmolLM2
   build    one artifact per task (ONNX with a shared base, and/or pt2) for build systems
-  verify   check every sha256 of a build directory
+  verify   check every sha256 of a build directory (or of one exported task)
+  export-task  copy one task of a build directory out as a self-contained directory
   inspect  a table of a build directory's tasks, sizes and kept parameters
   train    train the IFPruning mask predictor (``ifp_compile.train``)
 
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from .errors import IFPError
 
@@ -121,7 +123,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .build import verify
 
     names = verify(args.dir)
-    print(f"{args.dir}: {len(names)} task(s) and the base verified (every sha256 matches)")
+    what = f"task {names[0]}" if (Path(args.dir) / "manifest.json").is_file() else f"{len(names)} task(s) and the base"
+    print(f"{args.dir}: {what} verified (every sha256 matches)")
+    return 0
+
+
+def _cmd_export_task(args: argparse.Namespace) -> int:
+    from .export_task import export_task
+
+    manifest = export_task(args.dir, args.name, args.out)
+    size = sum((Path(args.out) / f).stat().st_size for f in manifest["files"])
+    print(f"{args.out}: task {args.name} exported and verified, {len(manifest['files'])} files, "
+          f"{size / 2**20:.1f} MiB, no links")
     return 0
 
 
@@ -198,11 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(bd, "the model's own (a checkpoint's config dtype; float32 for GGUF)")
     bd.set_defaults(func=_cmd_build)
 
-    v = sub.add_parser("verify", help="check every sha256 of a build directory",
-                       description="Recompute the sha256 of every file of every task and of the base; "
-                       "exit 2 naming the first file that does not match its manifest.")
-    v.add_argument("dir", help="a build output directory")
+    v = sub.add_parser("verify", help="check every sha256 of a build directory (or of one exported task)",
+                       description="Recompute the sha256 of every file of every task and of the base (or of the "
+                       "one task directory given); exit 2 naming the first file that does not match its manifest "
+                       "or is not listed in it.")
+    v.add_argument("dir", help="a build output directory, or a task directory (export-task's output)")
     v.set_defaults(func=_cmd_verify)
+
+    x = sub.add_parser("export-task", help="copy one task out of a build directory, self-contained (no links)",
+                       description="Copy the files of task NAME of build directory DIR into the new directory OUT "
+                       "as files of their own (a task shares its common weights with the base through a hard "
+                       "link inside a build), verify every sha256 of the copy, then rename it into place: OUT is "
+                       "the whole task or absent. OUT holds only what the task reads (graph, shared weights, its "
+                       "own FFN weights, mask, manifest), ready to ship to a device.")
+    x.add_argument("dir", help="a build output directory")
+    x.add_argument("name", help="the task's name (see ifp-compile inspect DIR)")
+    x.add_argument("--out", required=True, help="the directory to create (must not exist)")
+    x.set_defaults(func=_cmd_export_task)
 
     i = sub.add_parser("inspect", help="print a table of a build directory's tasks",
                        description="One row per task: kept channels, parameters, bytes of its own files, "

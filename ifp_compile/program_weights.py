@@ -49,19 +49,29 @@ def parameters(ep: ExportedProgram) -> dict[str, torch.Tensor]:
     return {n: ep.state_dict[n] for n in names}
 
 
-def own_parameters(program: ExportedProgram, base: ExportedProgram) -> dict[str, torch.Tensor]:
-    """The parameters of ``program`` that are not ``base``'s very tensors.
+def own_parameters(program: ExportedProgram, base: ExportedProgram, not_shared=()) -> dict[str, torch.Tensor]:
+    """The parameters of ``program`` that are not ``base``'s very tensors, plus those named
+    in ``not_shared`` (the base's FFN weights, which a task carries itself when it keeps a
+    layer whole: they are not in the file tasks share).
 
     ``specialize`` shares every parameter it does not slice with its source program, so
-    for a specialised program this is exactly the task's sliced FFN weights.
+    for a specialised program this is exactly the task's FFN weights.
     """
     theirs = parameters(base)
+    not_shared = set(not_shared)
     own = {}
     for name, t in parameters(program).items():
         b = theirs.get(name)
-        if b is None or storage_key(b) != storage_key(t):
+        if b is None or name in not_shared or storage_key(b) != storage_key(t):
             own[name] = t
     return own
+
+
+def ffn_parameter_names(program: ExportedProgram) -> set[str]:
+    """The state_dict keys of every tensor specialisation slices (FFN gate/up/down, their biases)."""
+    from .passes import find_ffn_blocks
+
+    return {p.key for block in find_ffn_blocks(program) for p in block.params}
 
 
 def weightless(ep: ExportedProgram) -> ExportedProgram:

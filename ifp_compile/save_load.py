@@ -56,11 +56,11 @@ def write_pt2(program: ExportedProgram, directory: Path) -> dict[str, str]:
 
 def write_onnx(program: ExportedProgram, directory: Path) -> dict[str, str]:
     """``model.onnx`` with every weight in ``weights.bin`` (streamed); returns their sha256."""
-    from .artifacts import file_hashes, write_base
+    from .artifacts import file_hashes, write_packed
     from .onnx import export_onnx_model
 
-    write_base(export_onnx_model(program), directory)
-    return file_hashes(directory, ["model.onnx", "weights.bin"])
+    table = write_packed(export_onnx_model(program), directory, lambda name: "weights.bin")
+    return file_hashes(directory, ["model.onnx", *sorted({entry[0] for entry in table.values()})])
 
 
 def save(program: ExportedProgram, directory, *, format: str = "pt2") -> dict:

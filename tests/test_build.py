@@ -82,17 +82,20 @@ def test_build_artifacts_equal_the_specialized_program(project, tmp_path):
     # tasks with one mask share their files; every task shares the base weights
     a, g = out / "tasks" / "alpha", out / "tasks" / "gamma"
     assert (a / "ffn.bin").stat().st_ino == (g / "ffn.bin").stat().st_ino
-    assert (a / "base.bin").stat().st_ino == (out / "base" / "weights.bin").stat().st_ino
+    assert (a / "shared.bin").stat().st_ino == (out / "base" / "shared.bin").stat().st_ino
     assert (a / "program.ffn.safetensors").stat().st_ino == (g / "program.ffn.safetensors").stat().st_ino
-    assert (a / "program.base.safetensors").stat().st_ino == (out / "base" / "parameters.safetensors").stat().st_ino
-    # the pt2 program's own parameters are what specialisation changed, nothing else. alpha:
-    # block 0 sliced, block 1 keeps all 64 channels at soft scales (only W_down carries them);
-    # beta: block 0 kept whole at 1.0 (the base's tensors), block 1 removed
+    assert (a / "program.shared.safetensors").stat().st_ino == (out / "base" / "shared.safetensors").stat().st_ino
+    # the pt2 program's own parameters are its FFN weights, nothing else. alpha: block 0
+    # sliced, block 1 keeps all 64 channels at soft scales (W_down carries them, gate and
+    # up are the base's whole tensors); beta: block 0 kept whole at 1.0 (the base's
+    # tensors), block 1 removed (zero channels: no weights)
     from ifp_compile.program_weights import read_parameters
 
     k0 = int(np.count_nonzero(masks["m1"][0]))
+    whole = {f"0.mlp.{p}": 64 * 32 for p in ("gate", "up", "down")}
     for name, expected in [("alpha", {"0.mlp.gate": k0 * 32, "0.mlp.up": k0 * 32, "0.mlp.down": k0 * 32,
-                                      "1.mlp.down": 64 * 32}), ("beta", {})]:
+                                      "1.mlp.gate": 64 * 32, "1.mlp.up": 64 * 32, "1.mlp.down": 64 * 32}),
+                           ("beta", whole)]:
         own = read_parameters(out / "tasks" / name / "program.ffn.safetensors")
         assert {k: v.numel() for k, v in own.items()} == {f"lm.model.layers.{k}_proj.weight": n
                                                           for k, n in expected.items()}
@@ -149,11 +152,11 @@ def test_a_later_build_adds_a_format_to_the_base(project, tmp_path):
     d, ep, ids, masks = project
     out = tmp_path / "out"
     build(str(d / "model.pt2"), d / "tasks.jsonl", out)
-    inode = (out / "base" / "weights.bin").stat().st_ino
-    assert not (out / "base" / "parameters.safetensors").exists()
+    inode = (out / "base" / "shared.bin").stat().st_ino
+    assert not (out / "base" / "shared.safetensors").exists()
     report = build(str(d / "model.pt2"), d / "tasks.jsonl", out, formats=("onnx", "pt2"))
     assert report.built == ["alpha", "beta", "gamma"]  # the formats are part of a task's inputs
-    assert (out / "base" / "weights.bin").stat().st_ino == inode
+    assert (out / "base" / "shared.bin").stat().st_ino == inode
     assert verify(out) == ["alpha", "beta", "gamma"]
     build(str(d / "model.pt2"), d / "tasks.jsonl", tmp_path / "fresh", formats=("onnx", "pt2"))
     assert files_of(out) == files_of(tmp_path / "fresh")
@@ -287,3 +290,79 @@ def test_onnx_model_builds_mask_tasks(project, tmp_path):
     torch.testing.assert_close(run_task(tmp_path / "out" / "tasks" / "beta", ids), ref, rtol=1e-5, atol=2e-5)
     with pytest.raises(BuildError, match="is ONNX: the pt2 format needs a torch model"):
         build(str(tmp_path / "model.onnx"), tasks, tmp_path / "out", formats=("pt2",))
+
+
+def _stored_spans(model_path: Path, location: str) -> list[tuple[int, int]]:
+    """(offset, length) of every initializer of an ONNX model stored in external file ``location``."""
+    import onnx
+
+    spans = []
+    for t in onnx.load(str(model_path), load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") == location:
+            spans.append((int(info.get("offset", 0)), int(info["length"])))
+    return sorted(spans)
+
+
+def test_a_task_directory_holds_only_what_its_program_reads_and_exports_alone(project, tmp_path):
+    """Layout 2: a task links the base's *shared* weights only (the dense FFN weights stay in
+    base/), so a task copied with links dereferenced -- export-task's output -- is the size of
+    a self-contained specialised model, and it verifies, loads and runs on its own."""
+    d, ep, ids, masks = project
+    out = tmp_path / "out"
+    build(str(d / "model.pt2"), d / "tasks.jsonl", out, formats=("onnx", "pt2"))
+    from ifp_compile.artifacts import ALIGN
+    from ifp_compile.program_weights import parameters, read_parameters
+
+    base_table = json.loads((out / "base" / "manifest.json").read_text())["tensors"]
+    ffn_in_base = {n for n, (f, *_) in base_table.items() if f == "ffn.bin"}
+    assert len(ffn_in_base) == 6  # gate, up, down of 2 blocks: the only weights not in shared.bin
+    for name in ("alpha", "beta"):
+        task = out / "tasks" / name
+        # ONNX: every tensor of shared.bin is read by the task's graph, and every byte of it
+        # is such a tensor or alignment padding; ffn.bin holds only the task's own tensors
+        for location in ("shared.bin", "ffn.bin"):
+            spans = _stored_spans(task / "model.onnx", location)
+            size = (task / location).stat().st_size
+            assert sum(n for _, n in spans) <= size < sum(n for _, n in spans) + ALIGN * len(spans)
+        # pt2: the shared and own files hold exactly the program's parameters, once each
+        program = load_artifact(task, format="pt2")
+        shared = read_parameters(task / "program.shared.safetensors")
+        own = read_parameters(task / "program.ffn.safetensors")
+        assert not set(shared) & set(own) and set(shared) | set(own) == set(parameters(program))
+    # export-task: the files become the task's own (no links), verified, identical bytes
+    exported = tmp_path / "ship" / "alpha"
+    exported.parent.mkdir()
+    assert main(["export-task", str(out), "alpha", "--out", str(exported)]) == 0
+    assert all(f.stat().st_nlink == 1 for f in exported.iterdir())
+    source_files = json.loads((out / "tasks" / "alpha" / "manifest.json").read_text())["files"]
+    assert sorted(p.name for p in exported.iterdir()) == sorted([*source_files, "manifest.json"])
+    assert all((exported / f).read_bytes() == (out / "tasks" / "alpha" / f).read_bytes() for f in source_files)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["base_linked"] is False and manifest["pt2_base_linked"] is False
+    assert verify(exported) == ["alpha"] and main(["verify", str(exported)]) == 0
+    with torch.no_grad():
+        ref = ifp.specialize(ep, mask=[torch.from_numpy(x) for x in masks["m1"]]).module()(ids)
+    torch.testing.assert_close(run_task(exported, ids), ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(load_artifact(exported, format="pt2").module()(ids), ref, rtol=0, atol=0)
+    # against self-contained specialised models of the same formats (ifp.save)
+    small = ifp.specialize(ep, mask=[torch.from_numpy(x) for x in masks["m1"]])
+    for fmt, files in (("onnx", ("model.onnx", "shared.bin", "ffn.bin")),
+                       ("pt2", ("program.pt2", "program.shared.safetensors", "program.ffn.safetensors"))):
+        ifp.save(small, tmp_path / f"alone-{fmt}", format=fmt)
+        alone = sum(f.stat().st_size for f in (tmp_path / f"alone-{fmt}").iterdir() if f.name != "manifest.json")
+        task = sum((exported / f).stat().st_size for f in files)
+        assert task <= 1.1 * alone, (fmt, task, alone)
+    # a second export is byte-identical; bad input is named and leaves nothing behind
+    again = tmp_path / "ship" / "alpha2"
+    ifp.export_task(out, "alpha", again)
+    assert files_of(again) == files_of(exported)
+    with pytest.raises(ArtifactError, match="already exists"):
+        ifp.export_task(out, "alpha", again)
+    with pytest.raises(ArtifactError, match=r"no task named 'delta' \(tasks: alpha, beta, gamma\)"):
+        ifp.export_task(out, "delta", tmp_path / "ship" / "delta")
+    f = out / "tasks" / "beta" / "ffn.bin"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    with pytest.raises(ArtifactError, match="tasks/beta/ffn.bin: sha256"):
+        ifp.export_task(out, "beta", tmp_path / "ship" / "beta")
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["alpha", "alpha2"]

@@ -99,6 +99,7 @@ def test_build_instruction_tasks_on_smollm2(smollm2, smollm2_predicted, tmp_path
     import numpy as np
 
     ort = pytest.importorskip("onnxruntime")
+    from ifp_compile.artifacts import SHARED_FILES
     from ifp_compile.build import build, verify
     from ifp_compile.onnx import find_onnx_ffn_blocks
 
@@ -125,11 +126,19 @@ def test_build_instruction_tasks_on_smollm2(smollm2, smollm2_predicted, tmp_path
         # (graph, manifest, ffn.bin) stay within the kept FFN bytes + 2 MB
         kept = 30 * 768 * 3 * 576 * 4
         assert kept <= (d / "ffn.bin").stat().st_size <= kept + 90 * 64
-        own = sum(f.stat().st_size for f in d.iterdir() if f.name != "base.bin")
+        own = sum(f.stat().st_size for f in d.iterdir() if f.name not in SHARED_FILES)
         assert own - kept <= 2 * 2**20, f"task {name} own files exceed kept FFN bytes by {own - kept} bytes"
     import onnx_ir as ir
 
     assert len(find_onnx_ffn_blocks(ir.load(str(tmp_path / "out" / "base" / "model.onnx")))) == 30
+    # a task shipped alone (links dereferenced) is the size of a self-contained model: its
+    # graph plus the bytes of the tensors it reads (the dense FFN weights stay in base/)
+    ifp.export_task(tmp_path / "out", "math", tmp_path / "shipped")
+    model = ir.load(str(tmp_path / "shipped" / "model.onnx"))
+    tensors = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    shipped = sum(f.stat().st_size for f in (tmp_path / "shipped").iterdir())
+    assert shipped <= 1.1 * (tensors + (tmp_path / "shipped" / "model.onnx").stat().st_size)
+    assert verify(tmp_path / "shipped") == ["math"]
     assert np.array_equal(np.fromfile(tmp_path / "out" / "tasks" / "math" / "ffn.bin", dtype=np.uint8),
                           np.fromfile(tmp_path / "out" / "tasks" / "math2" / "ffn.bin", dtype=np.uint8))
 
