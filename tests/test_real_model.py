@@ -75,21 +75,35 @@ def test_instruction_specialization_on_smollm2(smollm2, smollm2_predicted):
 
 
 def test_demo_on_smollm2(smollm2, capsys):
-    """The README demo, shortened: one prompt, a few tokens; exact kept parameter count."""
+    """The README demo, shortened: one prompt, a few tokens. Its KV-cache decoding of the
+    specialised decode-step program gives the masked reference's greedy tokens (re-running
+    the whole sequence per token); exact kept parameter count; llama.cpp rows from the task GGUF."""
+    pytest.importorskip("xllamacpp")
     from ifp_compile.demo import format_table, run_demo
+    from ifp_compile.generate import chat_ids, greedy_generate
+    from ifp_compile.predictors import PromptActivationPredictor
 
     model, tok, ep, _ = smollm2
-    result = run_demo(keep=0.75, max_new_tokens=4, prompts={"math": "What is 12 times 3?"},
-                      model_and_tokenizer=(model, tok))
-    small, dense = result.rows
-    assert (small.task, dense.task) == ("math", "math (dense)")
+    prompt = "What is 12 times 3?"
+    result = run_demo(keep=0.75, max_new_tokens=6, prompts={"math": prompt}, model_and_tokenizer=(model, tok),
+                      gguf=True)
+    small, dense, small_gguf, dense_gguf = result.rows
+    assert [r.task for r in result.rows] == ["math", "math (dense)", "math (GGUF)", "math (GGUF dense)"]
+    assert [r.runtime for r in result.rows] == ["torch", "torch", "llama.cpp", "llama.cpp"]
+    masks = PromptActivationPredictor(ep, keep=0.75)(tok(prompt, return_tensors="pt")["input_ids"])
+    ids = chat_ids(tok, prompt)
+    with torch.no_grad():
+        ref = greedy_generate(ifp.insert_masks(ep).module(), ids, 6, tok.eos_token_id, extra=(masks,))
+        ref_dense = greedy_generate(ep.module(), ids, 6, tok.eos_token_id)
+    assert small.text == tok.decode(ref, skip_special_tokens=True)
+    assert dense.text == tok.decode(ref_dense, skip_special_tokens=True)
     dense_params = ifp.count_parameters(ep)
-    assert dense.params == dense_params
-    assert small.params == dense_params - 30 * 384 * 3 * 576  # 384 of 1536 channels dropped per block
-    assert small.specialize_s is not None and small.specialize_s > 0
-    assert small.text.strip() and dense.text.strip()
+    assert dense.params == dense_gguf.params == dense_params
+    assert small.params == small_gguf.params == dense_params - 30 * 384 * 3 * 576  # 384 of 1536 channels dropped
+    assert small.specialize_s > 0 and small_gguf.specialize_s > 0
+    assert all(r.tokens_per_s > 0 and r.text.strip() for r in result.rows)
     table = format_table(result)
-    assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table
+    assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table and "llama.cpp" in table
 
 
 def test_build_instruction_tasks_on_smollm2(smollm2, smollm2_predicted, tmp_path):
