@@ -55,7 +55,7 @@ SHARED_BIN, FFN_BIN = "shared.bin", "ffn.bin"  # ONNX external data: weights eve
 BASE_SHARED, BASE_FFN = "shared.safetensors", "ffn.safetensors"  # pt2 parameters, in DIR/base
 PT2_FILES = {"program": "program.pt2", "own": "program.ffn.safetensors", "shared": "program.shared.safetensors",
              "alone": "program.safetensors"}
-SHARED_FILES = frozenset({SHARED_BIN, PT2_FILES["shared"]})  # hard links to the base: no disk of their own
+SHARED_FILES = frozenset({SHARED_BIN, PT2_FILES["shared"], "tokenizer.json"})  # links to the base: no disk of their own
 
 
 class ArtifactError(IFPError):

@@ -58,8 +58,11 @@ from .errors import IFPError, MaskError
 from .progress import progress, status
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-FORMATS = ("onnx", "pt2", "gguf")
+FORMATS = ("onnx", "pt2", "gguf", "pte")
 TASK_GGUF = "model.gguf"  # a task's GGUF file (the gguf format)
+TASK_PTE = "model.pte"  # a task's ExecuTorch program (the pte format)
+TOKENIZER = "tokenizer.json"  # with pte: the tokenizer a runner needs, in base/ and linked into each task
+DEFAULT_MAX_CACHE_LEN = 512
 
 
 MASK_FILE = "mask.safetensors"
@@ -212,7 +215,7 @@ class Source:
         if self.dtype is not None and self.kind == "onnx":
             raise BuildError(f"model {model} is ONNX: it computes in the dtype it was exported with (--dtype applies "
                              "to models ifp-compile loads)")
-        self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = None
+        self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = self._step = None
 
     def torch_model(self):
         """(HF model in memory, tokenizer) in ``dtype``: for training, evaluation and pruning."""
@@ -234,6 +237,30 @@ class Source:
         with status(f"loading {self.model}"):
             return (AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype or "auto").eval(),
                     self.tokenizer())
+
+    def decode_step(self, max_cache_len: int):
+        """The decode-step program (static KV cache of ``max_cache_len``) the pte format lowers.
+
+        It needs the model in memory (a Hugging Face directory is loaded, not streamed:
+        ExecuTorch embeds every weight in the program anyway) in float32 or float16.
+        """
+        if self._step is None:
+            if self.kind not in ("default", "hf", "gguf"):
+                raise BuildError(f"model {self.model}: the pte format exports a decode step (KV cache inside) from a "
+                                 "Hugging Face model: give a checkpoint directory, a GGUF file or 'default', not a "
+                                 f".{self.kind} file")
+            from .decode_step import export_decode_step
+            from .pte import PteError, check_pte_dtype
+
+            if self._model is None:
+                self._model, tok = self.torch_model()
+                self._tokenizer = self._tokenizer or tok
+            try:
+                check_pte_dtype(next(self._model.parameters()).dtype, f"model {self.model}")
+            except PteError as e:
+                raise BuildError(str(e)) from None
+            self._step = export_decode_step(self._model, max_cache_len)
+        return self._step
 
     def tokenizer(self):
         """The tokenizer of a Hugging Face directory, or None when it has no tokenizer files."""
@@ -264,7 +291,8 @@ class Source:
                     self._ep = export_checkpoint(self.model, dtype=self.dtype)
                 self._tokenizer = self.tokenizer()
             else:
-                self._model, self._tokenizer = self.torch_model()
+                if self._model is None:
+                    self._model, self._tokenizer = self.torch_model()
                 self._ep = export(self._model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
         return self._ep, self._predictor_program, self._tokenizer
 
@@ -379,11 +407,13 @@ def _prepare_out(out: Path) -> None:
 
 
 def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str,
-              gguf_down_type: str = "auto") -> dict:
+              gguf_down_type: str = "auto", max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> dict:
     key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "layout": LAYOUT,
            "tool_version": __version__}
     if "gguf" in formats:
         key["gguf_down_type"] = gguf_down_type
+    if "pte" in formats:
+        key["pte_max_cache_len"] = max_cache_len
     if task.instruction is not None:
         key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
     else:
@@ -414,7 +444,8 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
             data = {}  # another model, dtype or layout: a new base (tasks keep theirs through their hard links)
     need_onnx = "onnx" in formats and SHARED_BIN not in data.get("files", {})
     need_pt2 = "pt2" in formats and BASE_SHARED not in data.get("files", {})
-    if not (need_onnx or need_pt2):
+    need_tokenizer = "pte" in formats and TOKENIZER not in data.get("files", {})
+    if not (need_onnx or need_pt2 or need_tokenizer):
         return data
     tmp = out / f".tmp-base-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -442,10 +473,24 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
         files[BASE_FFN] = write_parameters({k: t for k, t in everything.items() if k in ffn}, tmp / BASE_FFN,
                                            description="writing the base's dense FFN parameters (pt2)")
         data["pt2_ffn_parameters"] = sorted(ffn)
+    if need_tokenizer:
+        files[TOKENIZER] = _write_tokenizer(source, tmp / TOKENIZER)
     data["files"] = dict(sorted(files.items()))
     atomic_write(tmp / "manifest.json", dump_json(data))
     replace_dir(tmp, base)
     return data
+
+
+def _write_tokenizer(source: Source, path: Path) -> str:
+    """The source's tokenizer as one ``tokenizer.json`` (what ExecuTorch's LLM runners read)."""
+    tok = source._tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise BuildError(f"model {source.model}: the pte format ships a tokenizer.json beside each program, and this "
+                         "model has no fast (tokenizers) tokenizer")
+    data = backend.to_str().encode()
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _onnx_task(base_dir: str, base_table: dict, shared_sha256: str, masks, tmp: str) -> dict:
@@ -511,14 +556,16 @@ class BuildReport:
 
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
-          only: str | None = None, dtype=None, gguf_down_type: str = "auto") -> BuildReport:
+          only: str | None = None, dtype=None, gguf_down_type: str = "auto",
+          max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> BuildReport:
     """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
 
     ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
     artifacts compute in; a Hugging Face directory is streamed, never loaded (``Source``).
     The ``gguf`` format (a GGUF model only) cuts each task's GGUF from the source file,
     quantized tensors kept quantized; ``gguf_down_type`` is what ``ffn_down`` is stored as
-    (``gguf_task.write_task_gguf``).
+    (``gguf_task.write_task_gguf``). The ``pte`` format lowers each task's decode-step
+    program (a static KV cache of ``max_cache_len`` positions) to ExecuTorch with XNNPACK.
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -528,6 +575,8 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
         raise BuildError(f"--keep must be in (0, 1], got {keep}")
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
+    if not isinstance(max_cache_len, int) or max_cache_len < 2:
+        raise BuildError(f"--max-cache-len must be an integer >= 2, got {max_cache_len!r}")
     tasks = read_tasks(tasks_file)
     if only is not None:
         tasks = [t for t in tasks if t.name == only]
@@ -556,7 +605,8 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
         (out / "tasks").mkdir(exist_ok=True)
         with status("hashing the base model"):
             base_hash = model_hash(model)
-        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type) for t in tasks}
+        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type, max_cache_len)
+                for t in tasks}
         todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
         report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
         if todo:
@@ -570,9 +620,11 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
                         check_masks(source.gguf_path(), masks[t.name])
                     except GGUFError as e:
                         raise BuildError(f"task {t.name!r}: {e}") from None
+            if "pte" in formats:
+                source.decode_step(max_cache_len)  # the model's kind and dtype checked before anything is written
             try:
                 base = _ensure_base(out, source, base_hash, formats)
-                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type)
+                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type, max_cache_len)
             except OSError as e:  # a full disk, permissions: no partial task stays behind
                 for leftover in out.glob(".tmp-*"):
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -582,7 +634,8 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     return report
 
 
-def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type="auto") -> None:
+def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type="auto",
+                 max_cache_len=DEFAULT_MAX_CACHE_LEN) -> None:
     digests = {name: mask_digest(m) for name, m in masks.items()}
     first: dict[str, str] = {}  # mask digest -> temp dir that holds its files
     tmps = {t.name: out / f".tmp-{t.name}-{os.getpid()}" for t in todo}
@@ -630,6 +683,26 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gg
                                 down_type=gguf_down_type, task=t.name)
             infos.setdefault(t.name, {}).update(gguf_ffn_down_types=sorted(set(g.down_types)),
                                                  gguf_notes=g.notes)
+    if "pte" in formats:
+        import torch
+
+        from .passes import specialize
+        from .pte import write_pte
+
+        step = source.decode_step(max_cache_len)
+        tok = source._tokenizer
+        for t in progress(jobs_needed, "lowering ExecuTorch programs"):
+            small = specialize(step, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
+            sha = write_pte(small, tmps[t.name] / TASK_PTE)
+            link_or_copy(out / "base" / TOKENIZER, tmps[t.name] / TOKENIZER)
+            entry = infos.setdefault(t.name, {})
+            entry.setdefault("files", {}).update({TASK_PTE: sha, TOKENIZER: base["files"][TOKENIZER]})
+            entry.update(pte_parameters=_count(small), pte={
+                "max_cache_len": max_cache_len, "dtype": source.dtype_name(), "backend": "xnnpack",
+                "method": "forward", "inputs": ["input_ids: int64 [1, n], 1 <= n <= max_cache_len",
+                                                "cache_position: int64 [n], the positions of input_ids"],
+                "output": "logits [1, n, vocab]", "tokenizer": TOKENIZER,
+                "bos_token_id": getattr(tok, "bos_token_id", None), "eos_token_id": getattr(tok, "eos_token_id", None)})
     for t in todo:
         owner = first[digests[t.name]]
         tmp = tmps[t.name]
@@ -677,7 +750,7 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
         "tool_version": __version__,
     }
     manifest.update({k: info[k] for k in ("pt2_own_weight_bytes", "pt2_base_linked", "gguf_ffn_down_types",
-                                          "gguf_notes") if k in info})
+                                          "gguf_notes", "pte") if k in info})
     atomic_write(tmp / "manifest.json", dump_json(manifest))
 
 

@@ -115,7 +115,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
-                   jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type)
+                   jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type,
+                   max_cache_len=args.max_cache_len)
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
           f"{len(report.skipped)} up to date")
     return 0
@@ -206,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", required=True, help="output directory")
     bd.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio for instruction tasks (default 0.5)")
     bd.add_argument("--format", default="onnx",
-                    help="comma-separated: onnx, pt2, gguf (default onnx). gguf: from a GGUF model, each task's "
-                    "GGUF for llama.cpp/ollama, cut from the source file (quantized tensors stay quantized)")
+                    help="comma-separated: onnx, pt2, gguf, pte (default onnx). gguf: from a GGUF model, each task's "
+                    "GGUF for llama.cpp/ollama, cut from the source file (quantized tensors stay quantized). pte: "
+                    "each task's decode step (static KV cache) as an ExecuTorch program lowered with XNNPACK, "
+                    "tokenizer.json beside it (the pte extra; float32 or float16)")
+    bd.add_argument("--max-cache-len", type=_positive_int, default=512,
+                    help="with --format pte: KV-cache positions of each program (prompt + generated tokens; "
+                    "default 512)")
     bd.add_argument("--gguf-down-type", default="auto", choices=["auto", "source", "q8_0", "f16", "f32"],
                     help="what a task GGUF's ffn_down (cut through its quantization blocks, so re-quantized) is "
                     "stored as: 'auto' keeps the source's type when it has 8 bits or more and writes Q8_0 for "

@@ -134,33 +134,47 @@ class StepDecoder:
     def _call(self, fn, ids: torch.Tensor, start: int) -> torch.Tensor:
         return fn(ids, torch.arange(start, start + ids.shape[1]), *self.extra)
 
-    @torch.inference_mode()
     def greedy(self, prompt_ids: torch.Tensor, new_tokens: int, eos_token_id: int | None = None) -> tuple[list[int], float]:
         """The greedy continuation of ``prompt_ids`` ([1, T]) and the decode speed in tokens/s
         (the prompt is not timed: prefill runs uncompiled, in one call unless the program
         takes one token at a time)."""
-        if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
-            raise InstructionError(f"prompt_ids must be [1, T] with T >= 1, got shape {list(prompt_ids.shape)}")
-        if not isinstance(new_tokens, int) or new_tokens < 1:
-            raise InstructionError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
-        t = prompt_ids.shape[1]
-        if t + new_tokens - 1 > self.length:
-            raise InstructionError(
-                f"{t} prompt + {new_tokens} new tokens need {t + new_tokens - 1} cache positions; "
-                f"the program's KV cache holds {self.length}"
-            )
-        if self.one_token:
-            for i in range(t):
-                logits = self._call(self.module, prompt_ids[:, i:i + 1], i)
-        else:
-            logits = self._call(self.module, prompt_ids, 0)
-        nxt = logits[:, -1:].argmax(-1)
-        tokens = [int(nxt)]
-        start = time.perf_counter()
-        for i in range(new_tokens - 1):
-            if eos_token_id is not None and tokens[-1] == eos_token_id:
-                break
-            nxt = self._call(self.run, nxt, t + i)[:, -1:].argmax(-1)
-            tokens.append(int(nxt))
-        elapsed = time.perf_counter() - start
-        return tokens, (len(tokens) - 1) / elapsed if elapsed > 0 else float("inf")
+        return greedy_with_cache(lambda ids, start: self._call(self.module, ids, start),
+                                 lambda ids, start: self._call(self.run, ids, start),
+                                 prompt_ids, new_tokens, eos_token_id, capacity=self.length, one_token=self.one_token)
+
+
+@torch.inference_mode()
+def greedy_with_cache(prefill, step, prompt_ids: torch.Tensor, new_tokens: int, eos_token_id: int | None, *,
+                      capacity: int, one_token: bool) -> tuple[list[int], float]:
+    """The greedy decoding loop every decode-step runtime shares (torch, ExecuTorch).
+
+    ``prefill(ids, start)`` and ``step(ids, start)`` return logits ``[1, n, vocab]`` for the
+    tokens ``ids`` ([1, n]) at positions ``start ..``; the cache is theirs. Returns the new
+    tokens (at most ``new_tokens``, ending at EOS when it comes) and the decode speed in
+    tokens/s, the prompt not counted.
+    """
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
+        raise InstructionError(f"prompt_ids must be [1, T] with T >= 1, got shape {list(prompt_ids.shape)}")
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise InstructionError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
+    t = prompt_ids.shape[1]
+    if t + new_tokens - 1 > capacity:
+        raise InstructionError(
+            f"{t} prompt + {new_tokens} new tokens need {t + new_tokens - 1} cache positions; "
+            f"the program's KV cache holds {capacity}"
+        )
+    if one_token:
+        for i in range(t):
+            logits = prefill(prompt_ids[:, i:i + 1], i)
+    else:
+        logits = prefill(prompt_ids, 0)
+    nxt = logits[:, -1:].argmax(-1)
+    tokens = [int(nxt)]
+    start = time.perf_counter()
+    for i in range(new_tokens - 1):
+        if eos_token_id is not None and tokens[-1] == eos_token_id:
+            break
+        nxt = step(nxt, t + i)[:, -1:].argmax(-1)
+        tokens.append(int(nxt))
+    elapsed = time.perf_counter() - start
+    return tokens, (len(tokens) - 1) / elapsed if elapsed > 0 else float("inf")
