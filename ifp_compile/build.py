@@ -557,14 +557,16 @@ class BuildReport:
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
           only: str | None = None, dtype=None, gguf_down_type: str = "auto",
-          max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> BuildReport:
+          max_cache_len: int = DEFAULT_MAX_CACHE_LEN, gguf_type: str | None = None,
+          gguf_pre: str | None = None) -> BuildReport:
     """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
 
     ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
     artifacts compute in; a Hugging Face directory is streamed, never loaded (``Source``).
     The ``gguf`` format (a GGUF model only) cuts each task's GGUF from the source file,
     quantized tensors kept quantized; ``gguf_down_type`` is what ``ffn_down`` is stored as
-    (``gguf_task.write_task_gguf``). The ``pte`` format lowers each task's decode-step
+    (``gguf_task.write_task_gguf``); from a Hugging Face directory it is written tensor by
+    tensor in ``gguf_type`` (``gguf_from_hf``). The ``pte`` format lowers each task's decode-step
     program (a static KV cache of ``max_cache_len`` positions) to ExecuTorch with XNNPACK.
     """
     formats = tuple(dict.fromkeys(formats))
@@ -590,15 +592,24 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     if "gguf" in formats:
         from .gguf_task import DOWN_TYPES
 
-        if source.kind not in ("gguf", "default"):
-            raise BuildError(f"model {model}: the gguf format is cut from a GGUF model (give a .gguf file); "
-                             "writing GGUF from a Hugging Face checkpoint or a .pt2 is not supported: convert the "
-                             "checkpoint with llama.cpp's convert_hf_to_gguf.py, then build from that GGUF")
+        from .gguf_from_hf import QTYPES
+
+        if source.kind == "hf":
+            if gguf_type not in QTYPES:
+                raise BuildError(f"model {model} is a Hugging Face checkpoint: --format gguf needs --gguf-type, the "
+                                 f"type its weights are written in ({', '.join(QTYPES)}); got {gguf_type!r}")
+        elif source.kind in ("gguf", "default"):
+            if gguf_type is not None or gguf_pre is not None:
+                raise BuildError(f"model {model} is a GGUF file: its tasks keep its tensor types and tokenizer "
+                                 "(--gguf-type and --gguf-pre apply to Hugging Face checkpoints; see --gguf-down-type)")
+            if dtype is not None:
+                raise BuildError("--dtype does not apply to the gguf format: a task's GGUF keeps the source's tensor "
+                                 "types (see --gguf-down-type for ffn_down)")
+        else:
+            raise BuildError(f"model {model}: the gguf format is written from a GGUF file or a Hugging Face checkpoint "
+                             f"directory (config and tokenizer included), not from a .{source.kind} file")
         if gguf_down_type not in DOWN_TYPES:
             raise BuildError(f"--gguf-down-type {gguf_down_type!r}: choose from {', '.join(DOWN_TYPES)}")
-        if dtype is not None:
-            raise BuildError("--dtype does not apply to the gguf format: a task's GGUF keeps the source's tensor "
-                             "types (see --gguf-down-type for ffn_down)")
     with _locked(out):
         for leftover in out.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -607,12 +618,24 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
             base_hash = model_hash(model)
         keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type, max_cache_len)
                 for t in tasks}
+        if "gguf" in formats and source.kind == "hf":
+            for key in keys.values():
+                key.update(gguf_type=gguf_type, gguf_pre=gguf_pre)
+                key.pop("gguf_down_type", None)
         todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
         report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
         if todo:
             # every mask is computed and checked before anything is written
             masks = {t.name: source.masks_for(t) for t in progress(todo, "computing masks")}
-            if "gguf" in formats:
+            if "gguf" in formats and source.kind == "hf":
+                from .gguf_task import GGUFError
+                from .gguf_from_hf import check_hf_source
+
+                try:
+                    check_hf_source(source.model, [masks[t.name] for t in todo], qtype=gguf_type, pre=gguf_pre)
+                except GGUFError as e:
+                    raise BuildError(str(e)) from None
+            elif "gguf" in formats:
                 from .gguf_task import GGUFError, check_masks
 
                 for t in todo:
@@ -624,7 +647,8 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
                 source.decode_step(max_cache_len)  # the model's kind and dtype checked before anything is written
             try:
                 base = _ensure_base(out, source, base_hash, formats)
-                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type, max_cache_len)
+                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type, max_cache_len,
+                             gguf_type, gguf_pre)
             except OSError as e:  # a full disk, permissions: no partial task stays behind
                 for leftover in out.glob(".tmp-*"):
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -635,7 +659,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
 
 
 def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type="auto",
-                 max_cache_len=DEFAULT_MAX_CACHE_LEN) -> None:
+                 max_cache_len=DEFAULT_MAX_CACHE_LEN, gguf_type=None, gguf_pre=None) -> None:
     digests = {name: mask_digest(m) for name, m in masks.items()}
     first: dict[str, str] = {}  # mask digest -> temp dir that holds its files
     tmps = {t.name: out / f".tmp-{t.name}-{os.getpid()}" for t in todo}
@@ -675,7 +699,15 @@ def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gg
             entry = infos.setdefault(t.name, {})
             entry.setdefault("files", {}).update(info.pop("files"))
             entry.update(info)
-    if "gguf" in formats:
+    if "gguf" in formats and source.kind == "hf":
+        from .gguf_from_hf import write_hf_task_gguf
+
+        for t in progress(jobs_needed, f"writing GGUF files ({gguf_type})"):
+            g = write_hf_task_gguf(source.model, masks[t.name], tmps[t.name] / TASK_GGUF, qtype=gguf_type,
+                                   pre=gguf_pre, task=t.name)
+            infos.setdefault(t.name, {}).update(gguf_tensor_types=dict(sorted(g.tensor_types.items())),
+                                                 gguf_notes=g.notes)
+    elif "gguf" in formats:
         from .gguf_task import write_task_gguf
 
         for t in progress(jobs_needed, "writing GGUF files"):
@@ -750,7 +782,7 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
         "tool_version": __version__,
     }
     manifest.update({k: info[k] for k in ("pt2_own_weight_bytes", "pt2_base_linked", "gguf_ffn_down_types",
-                                          "gguf_notes", "pte") if k in info})
+                                          "gguf_notes", "gguf_tensor_types", "pte") if k in info})
     atomic_write(tmp / "manifest.json", dump_json(manifest))
 
 

@@ -116,7 +116,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
                    jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type,
-                   max_cache_len=args.max_cache_len)
+                   max_cache_len=args.max_cache_len, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre)
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
           f"{len(report.skipped)} up to date")
     return 0
@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "stored as: 'auto' keeps the source's type when it has 8 bits or more and writes Q8_0 for "
                     "4/5-bit sources; 'source' re-quantizes to the source's type; or q8_0 / f16 / f32. F16 where "
                     "a width is not a multiple of the type's block (default auto)")
+    bd.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                    help="with --format gguf from a Hugging Face checkpoint: the type each task GGUF's matrices are "
+                    "written in (norms and biases stay F32; F16 where a row is not a multiple of the type's block)")
+    bd.add_argument("--gguf-pre", metavar="NAME",
+                    help="with --gguf-type: llama.cpp's pre-tokenizer name (llama-bpe, qwen2, smollm, gpt-2, ...) when "
+                    "it is not recognised from tokenizer.json")
     bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
     bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel)")
     add_dtype_argument(bd, "the model's own (a checkpoint's config dtype; float32 for GGUF)")

@@ -246,5 +246,8 @@ def test_build_refuses_what_a_gguf_cannot_hold_before_writing(tmp_path):
     with pytest.raises(BuildError, match="--dtype does not apply to the gguf format"):
         build(str(src), tasks, tmp_path / "out", formats=("gguf",), dtype="bf16")
     (tmp_path / "model.pt2").write_bytes(b"")
-    with pytest.raises(BuildError, match="the gguf format is cut from a GGUF model"):
+    with pytest.raises(BuildError, match=r"the gguf format is written from a GGUF file or a Hugging Face checkpoint "
+                                          r"directory .*not from a \.pt2 file"):
         build(str(tmp_path / "model.pt2"), tasks, tmp_path / "out", formats=("gguf",))
+    with pytest.raises(BuildError, match="--gguf-type and --gguf-pre apply to Hugging Face checkpoints"):
+        build(str(src), tasks, tmp_path / "out", formats=("gguf",), gguf_type="q8_0")
