@@ -640,7 +640,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
 
                 for t in todo:
                     try:
-                        check_masks(source.gguf_path(), masks[t.name])
+                        check_masks(source.gguf_path(), masks[t.name], gguf_down_type)
                     except GGUFError as e:
                         raise BuildError(f"task {t.name!r}: {e}") from None
             if "pte" in formats:
@@ -826,7 +826,8 @@ def inspect_rows(out) -> list[dict]:
         m = json.loads((d / "manifest.json").read_text())
         own = sum((d / f).stat().st_size for f in m["files"] if f not in SHARED_FILES)
         kept, total = sum(m["kept_channels"]), sum(m["widths"])
-        params = m["parameters"].get("pt2_parameters") or m["parameters"].get("onnx_initializer_scalars")
+        params = (m["parameters"].get("pt2_parameters") or m["parameters"].get("pte_parameters")
+                  or m["parameters"].get("onnx_initializer_scalars"))
         rows.append({"task": name, "kept": f"{kept}/{total} ({100 * kept / total:.1f}%)", "parameters": params,
                      "own_bytes": own, "formats": ",".join(m["formats"]), "instruction": m["instruction"] or "(mask)"})
     return rows

@@ -185,10 +185,15 @@ def _check_masks(masks, layers, path) -> list[tuple[np.ndarray, np.ndarray]]:
     return kept
 
 
-def check_masks(path, masks) -> None:
-    """Raise :class:`GGUFError` now if :func:`write_task_gguf` would refuse ``masks``."""
+def check_masks(path, masks, down_type: str = "auto") -> None:
+    """Raise :class:`GGUFError` now if :func:`write_task_gguf` would refuse ``masks`` (their
+    widths, or ``down_type`` for those widths): a build checks every task before writing."""
     reader = _reader(path)
-    _check_masks(masks, gguf_ffn_layers(reader, path), path)
+    layers = gguf_ffn_layers(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    for layer, (keep, scale) in zip(layers, _check_masks(masks, layers, path)):
+        intact = keep.size == layer.width and bool(np.all(scale == 1.0))
+        _down_type(down_type, tensors[layer.down].tensor_type, keep.size, intact)
 
 
 def _down_type(name: str, source_type, width: int, intact: bool = False):

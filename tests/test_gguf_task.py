@@ -249,5 +249,11 @@ def test_build_refuses_what_a_gguf_cannot_hold_before_writing(tmp_path):
     with pytest.raises(BuildError, match=r"the gguf format is written from a GGUF file or a Hugging Face checkpoint "
                                           r"directory .*not from a \.pt2 file"):
         build(str(tmp_path / "model.pt2"), tasks, tmp_path / "out", formats=("gguf",))
+    odd = binary_masks(1)
+    for m in odd:  # 56 of 64 channels: not a multiple of Q8_0's block of 32
+        m[np.flatnonzero(m)[:8]] = 0.0
+    with pytest.raises(BuildError, match="task 'odd': --gguf-down-type q8_0 needs widths that are multiples of 32"):
+        build(str(src), _tasks(tmp_path, {"odd": odd}), tmp_path / "out", formats=("gguf",), gguf_down_type="q8_0")
+    assert list(tmp_path.glob("out/.tmp-*")) == [] and sorted((tmp_path / "out" / "tasks").iterdir()) == []
     with pytest.raises(BuildError, match="--gguf-type and --gguf-pre apply to Hugging Face checkpoints"):
         build(str(src), tasks, tmp_path / "out", formats=("gguf",), gguf_type="q8_0")
