@@ -20,7 +20,6 @@ the same figures for SmolLM2-135M-Instruct in bf16 at keep 0.5 (binary and soft 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 import statistics
@@ -34,18 +33,8 @@ os.environ.setdefault("IFP_QUIET", "1")
 
 import ifp_compile as ifp  # noqa: E402
 from tests.helpers import UNIT_ROUNDOFF, make_mask  # noqa: E402
+from tests.helpers import cast_model as cast  # noqa: E402
 from tests.zoo import TinyLM  # noqa: E402
-
-
-def cast(model, dtype):
-    """A copy of ``model`` with its floating parameters in ``dtype``. (Through ``p.data``:
-    transformers refuses ``.float()`` on a model loaded from a quantized GGUF.)"""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in out.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-    return out
 
 
 def measure(model32, dtype, ids, masks_for):

@@ -129,3 +129,17 @@ def assert_within_rounding(out, ref, exact, dtype, factor: float = 3.0):
     assert diff <= bound, (f"{dtype}: specialized differs from the masked reference by {diff:.3g}, bound {bound:.3g} "
                            f"(reference's own rounding error {ref_err:.3g}, output scale {scale:.3g})")
     return diff, bound
+
+
+def cast_model(model, dtype):
+    """A copy of ``model`` with its floating parameters in ``dtype``. (Through ``p.data``:
+    transformers refuses ``.to()`` / ``.float()`` on a model loaded from a quantized GGUF.)"""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return out
+

@@ -201,20 +201,13 @@ def test_ifpredictor_with_shared_encoder_on_smollm2(smollm2):
 def smollm2_bf16(smollm2):
     """SmolLM2 in bf16 (the fp32 de-quantized weights rounded once, as loading with
     ``dtype="bf16"`` does), and its masked program in float32 on the same rounded weights."""
-    import copy
+    from tests.helpers import cast_model
 
     model32, tok, _, ids = smollm2
-    model = copy.deepcopy(model32)
-    with torch.no_grad():  # transformers refuses .to()/.float() on a model loaded from a quantized GGUF
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
+    model = cast_model(model32, torch.bfloat16)
     model.config.dtype = torch.bfloat16  # what a checkpoint written from it declares
     ep = ifp.export(model, (ids,), dynamic_shapes="seq")
-    upcast = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in upcast.parameters():
-            p.data = p.data.float()
-    exact = ifp.insert_masks(ifp.export(upcast, (ids,), dynamic_shapes="seq"))
+    exact = ifp.insert_masks(ifp.export(cast_model(model, torch.float32), (ids,), dynamic_shapes="seq"))
     return model, tok, ep, ids, exact
 
 
