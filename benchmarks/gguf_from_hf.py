@@ -37,6 +37,21 @@ os.environ.setdefault("IFP_QUIET", "1")
 import numpy as np  # noqa: E402
 
 
+def save_as_checkpoint(model, directory: Path) -> None:
+    """``model`` as a Hugging Face directory (config.json + model.safetensors). Written by
+    hand: transformers refuses ``save_pretrained`` for a model loaded from a quantized GGUF."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    tied = model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+
 def agreement(positions: int) -> None:
     import torch
 
@@ -52,7 +67,7 @@ def agreement(positions: int) -> None:
     ep = ifp.export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     work = Path(tempfile.mkdtemp(prefix="ifp-gguf-hf-"))
     try:
-        model.save_pretrained(work / "hf")
+        save_as_checkpoint(model, work / "hf")
         tok.save_pretrained(work / "hf")
         with LlamaCpp(Path(smollm2_dir()) / GGUF_FILE) as llm:
             sequences = []

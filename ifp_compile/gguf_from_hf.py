@@ -118,7 +118,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
     return None
 
 
-def _tokenizer(directory: Path, pre: str | None):
+def _tokenizer(directory: Path, pre: str | None, n_vocab: int | None = None):
     """(gguf-py BpeVocab, SpecialVocab, pre-tokenizer name) of a byte-level BPE tokenizer."""
     import gguf
 
@@ -138,7 +138,8 @@ def _tokenizer(directory: Path, pre: str | None):
                                   f"({', '.join(f'{k}: {v}' for k, v in PRE_TOKENIZERS.items())}); name llama.cpp's "
                                   "pre-tokenizer type with --gguf-pre (e.g. llama-bpe), or 'default' to let llama.cpp "
                                   "fall back to its default split (it warns that generation quality may degrade)")
-    special = gguf.vocab.SpecialVocab(directory, load_merges=True, n_vocab=vocab.vocab_size)
+    # special ids may lie past the tokenizer's own tokens, in the embedding's padding rows
+    special = gguf.vocab.SpecialVocab(directory, load_merges=True, n_vocab=max(vocab.vocab_size, n_vocab or 0))
     if not special.merges:
         raise GGUFSourceError(f"{path}: no BPE merges found")
     return vocab, special, pre
@@ -207,7 +208,7 @@ def write_hf_task_gguf(directory, masks, out, *, qtype: str = "q8_0", pre: str |
         raise GGUFSourceError(f"GGUF type {qtype!r}: choose from {', '.join(QTYPES)}")
     arch = gguf_architecture_of(directory)
     cfg = _config(directory)
-    vocab, special, pre = _tokenizer(directory, pre)
+    vocab, special, pre = _tokenizer(directory, pre, int(cfg["vocab_size"]))
     ckpt = Checkpoint(directory)
     blocks = int(cfg["num_hidden_layers"])
     width = int(cfg["intermediate_size"])
