@@ -96,12 +96,18 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: written and flushed under a temporary name,
+    then renamed; the temporary file is removed if anything fails."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def dump_json(obj: Any) -> bytes:

@@ -17,7 +17,6 @@ ExecuTorch's portable kernels, measured), so ``check_pte_dtype`` refuses it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -95,18 +94,10 @@ def write_pte(program: ExportedProgram, path) -> str:
     """Lower ``program`` and write its ``.pte`` atomically; returns the file's sha256."""
     import hashlib
 
+    from .artifacts import atomic_write
+
     data = lower_to_pte(program)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
