@@ -86,7 +86,9 @@ def main(argv=None) -> int:
             row["tps"].append(row["decoder"].greedy(ids, args.tokens)[1])
     dense = rows["dense"]
     dense_rate = statistics.median(dense["tps"])
-    print(f"\nSmolLM2-135M-Instruct decode steps in ExecuTorch {__import__('executorch').version.__version__} (XNNPACK, "
+    from executorch.version import __version__ as et_version
+
+    print(f"\nSmolLM2-135M-Instruct decode steps in ExecuTorch {et_version} (XNNPACK, "
           f"float32), {args.tokens} greedy tokens after a {ids.shape[1]}-token prompt, median of {args.reps} interleaved "
           f"rounds, torch {torch.__version__}")
     print(f"  {'program':<10} {'parameters':>12} {'.pte MB':>8} {'lower s':>8} {'tokens = torch':>15} "
