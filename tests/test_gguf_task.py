@@ -67,6 +67,42 @@ def binary_masks(seed=1, kept=64, layers=LAYERS, width=WIDTH):
     return out
 
 
+def test_fast_reader_reads_what_gguf_py_reads(tmp_path):
+    """The reader with plain-array views (gguf_task._fast_reader_class) gives gguf-py's
+    fields (every part, type and value) and tensors, byte for byte."""
+    from ifp_compile.gguf_task import _fast_reader_class
+
+    path = tiny_gguf(tmp_path / "src.gguf")
+    w = gguf.GGUFWriter(tmp_path / "meta.gguf", "llama")  # every value type once
+    w.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "<|im_start|>"])
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0, 0.0])
+    w.add_array("tokenizer.ggml.token_type", [1, 2, 3, 1])
+    w.add_float64("x.f64", 2.5)
+    w.add_int64("x.i64", -7)
+    w.add_bool("x.bool", True)
+    w.add_int8("x.i8", -3)
+    w.add_uint16("x.u16", 65535)
+    w.add_tensor("t", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fast = _fast_reader_class()
+    assert fast is not gguf.GGUFReader
+    for p in (path, tmp_path / "meta.gguf"):
+        a, b = gguf.GGUFReader(p), fast(p)
+        assert list(a.fields) == list(b.fields)
+        for name, f in a.fields.items():
+            g = b.fields[name]
+            assert (f.offset, f.types, f.data) == (g.offset, g.types, g.data), name
+            assert len(f.parts) == len(g.parts) and all(
+                x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(f.parts, g.parts)), name
+            assert f.contents() == g.contents(), name
+        assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in a.tensors] == \
+            [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in b.tensors]
+        assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.F16])
 def test_all_ones_gives_back_the_source_tensors(tmp_path, qtype):
     src = tiny_gguf(tmp_path / "src.gguf", ffn_type=qtype)
