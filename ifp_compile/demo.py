@@ -1,9 +1,9 @@
 """The README's demo: instruction-specialised SmolLM2-135M-Instruct, end to end, decoding
 at the speed of the small model.
 
-load -> export the logits program (what the predictor reads) and a decode-step program
-(static KV cache inside) -> for each prompt: the prompt-activation predictor picks the
-mask from the prompt, ``specialize`` shrinks the decode-step program to it, decode greedily with the
+load -> export a decode-step program (static KV cache inside) -> for each prompt: the
+prompt-activation predictor picks the mask from the prompt (read as a prefill of that
+program), ``specialize`` shrinks the decode-step program to it, decode greedily with the
 KV cache, beside the dense decode-step program; where llama.cpp is installed (the ``gguf``
 extra), cut the same task's GGUF from SmolLM2's own Q4_1 file and decode it there too ->
 print kept parameters, time to specialise, decode tokens/s and the answers.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from .capture import export
 from .decode_step import StepDecoder, export_decode_step
 from .generate import chat_ids
 from .masks import instruction_ids
@@ -97,17 +96,16 @@ def run_demo(
     model, tok = model_and_tokenizer or load_smollm2(dtype=dtype)
     chats = {task: chat_ids(tok, prompt) for task, prompt in prompts.items()}
     cache_len = max(ids.shape[1] for ids in chats.values()) + max_new_tokens
-    with status(f"exporting {type(model).__name__} with torch.export (dynamic sequence length)"):
-        ep = export(model, (torch.zeros(1, 8, dtype=torch.long),), dynamic_shapes="seq")
     step = export_decode_step(model, cache_len)
-    # the predictor is called directly: the masks it gives are those of the predictor branch
-    # that insert_masks(ep, predictor=...) would add (tests/test_real_model.py checks it),
-    # without the 25 s re-export that branch costs
+    # one program serves both: the predictor reads the instruction as a prefill of the decode
+    # step (the same activations as a logits program, whose 9-15 s export is saved), and is
+    # called directly: its masks are those of the predictor branch insert_masks(ep,
+    # predictor=...) would add (tests/test_real_model.py checks it), without that branch's re-export
     with status(f"building the prompt-activation predictor (keep={keep})"):
-        predictor = PromptActivationPredictor(ep, keep=keep)
-    blocks = find_ffn_blocks(ep)
+        predictor = PromptActivationPredictor(step, keep=keep)
+    blocks = find_ffn_blocks(step)
 
-    dense_params = count_parameters(ep)
+    dense_params = count_parameters(step)
     eos = tok.eos_token_id
     rows: list[Row] = []
     dense = StepDecoder(step)

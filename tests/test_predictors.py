@@ -53,6 +53,28 @@ def test_masks_follow_griffins_rule(llama):
         assert torch.equal(g, w)
 
 
+def test_a_decode_step_program_predicts_the_logits_programs_masks(llama):
+    """The instruction read as a prefill of a decode-step program gives the same scores
+    and masks as the logits program, leaves the program's own cache untouched, and is
+    refused when it is longer than the cache or batched."""
+    from ifp_compile.decode_step import export_decode_step
+
+    step = export_decode_step(llama, 16)
+    by_step = PromptActivationPredictor(step, keep=0.25)
+    by_logits = PromptActivationPredictor(llama, keep=0.25)
+    cache = {k: v.clone() for k, v in step.constants.items()}
+    for ids in (torch.tensor([[3, 77, 12, 5, 90, 41]]), torch.tensor([[9, 8]]), torch.arange(16)[None] + 20):
+        with torch.no_grad():
+            for a, b in zip(by_step.channel_scores(ids), by_logits.channel_scores(ids)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(by_step(ids), griffin_reference(llama, ids, k=12)))
+    assert all(torch.equal(v, cache[k]) for k, v in step.constants.items())  # the probe wrote its own copy
+    with pytest.raises(ifp.InstructionError, match="17 tokens; the decode-step program's KV cache holds 16"):
+        by_step(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ifp.InstructionError, match=r"one instruction at a time.*\[2, 4\]"):
+        by_step(torch.zeros(2, 4, dtype=torch.long))
+
+
 def test_instruction_text_specializes_like_the_predicted_masks(llama):
     ep, ids = export_lm(llama)
     pred = PromptActivationPredictor(llama, keep=0.5)

@@ -22,6 +22,28 @@ def smollm2():
     return model, tok, ep, ids
 
 
+def test_cached_checkpoint_is_the_gguf_model(smollm2):
+    """load_smollm2 reads SmolLM2 from its converted-checkpoint cache (seconds, not 35 s):
+    the same weights, config and tokenizer as transformers' GGUF loader gives."""
+    from ifp_compile.demo import DEFAULT_PROMPTS
+    from ifp_compile.generate import chat_ids
+    from ifp_compile.real_model import load_smollm2
+
+    model, tok, _, _ = smollm2
+    ref, ref_tok = load_smollm2(cache=False)
+    a, b = model.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    skip = ("_name_or_path", "quantization_config", "transformers_version")
+    assert {k: v for k, v in model.config.to_dict().items() if k not in skip} == \
+        {k: v for k, v in ref.config.to_dict().items() if k not in skip}
+    for prompt in [*DEFAULT_PROMPTS.values(), "Ünïcödé, emoji 🌊 and   spaces\n\tand 12345 digits"]:
+        ids = chat_ids(tok, prompt)
+        assert torch.equal(ids, chat_ids(ref_tok, prompt))
+        assert tok.decode(ids[0]) == ref_tok.decode(ids[0])
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == \
+        (ref_tok.bos_token_id, ref_tok.eos_token_id, ref_tok.pad_token_id)
+
+
 def test_discovers_thirty_swiglu_blocks(smollm2):
     _, _, ep, _ = smollm2
     blocks = ifp.find_ffn_blocks(ep)
@@ -104,6 +126,18 @@ def test_demo_on_smollm2(smollm2, capsys):
     assert all(r.tokens_per_s > 0 and r.text.strip() for r in result.rows)
     table = format_table(result)
     assert "keep 0.75" in table and f"{small.params:,} (85.2%)" in table and "llama.cpp" in table
+    # the demo's predictor reads the instruction as a prefill of the decode step: the same
+    # masks as the logits program's predictor, for every default prompt
+    from ifp_compile.decode_step import export_decode_step
+    from ifp_compile.demo import DEFAULT_PROMPTS
+    from ifp_compile.masks import instruction_ids
+
+    by_step = PromptActivationPredictor(export_decode_step(model, 64), keep=0.75)
+    by_logits = PromptActivationPredictor(ep, keep=0.75)
+    for text in DEFAULT_PROMPTS.values():
+        with torch.no_grad():
+            a, b = by_step(instruction_ids(text, tok)), by_logits(instruction_ids(text, tok))
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), text
 
 
 def test_build_instruction_tasks_on_smollm2(smollm2, smollm2_predicted, tmp_path):
