@@ -108,6 +108,15 @@ def _write_cache(model, tok, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def prepare_smollm2() -> Path:
+    """Convert SmolLM2's GGUF file into the cached checkpoint unless it is there already,
+    and return its directory: the set-up step of ``scripts/demo.sh`` (about 35 s, once)."""
+    target = cached_checkpoint_dir()
+    if not (target / COMPLETE).is_file():
+        load_smollm2()
+    return target
+
+
 def load_smollm2(dtype=None, *, cache: bool = True):
     """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode on the CPU.
 

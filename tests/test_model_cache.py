@@ -123,3 +123,11 @@ def test_another_file_gets_another_cache_entry(fake_gguf):
     path.write_bytes(b"GGUF stand-in v2")
     second = real_model.cached_checkpoint_dir(str(path))
     assert second != first and second.parent == first.parent
+
+
+def test_prepare_converts_once_and_returns_the_cache_directory(fake_gguf):
+    path, calls = fake_gguf
+    target = real_model.prepare_smollm2()
+    assert target == real_model.cached_checkpoint_dir(str(path)) and (target / real_model.COMPLETE).is_file()
+    assert real_model.prepare_smollm2() == target
+    assert calls == [torch.float32]
