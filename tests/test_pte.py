@@ -117,3 +117,23 @@ def test_pte_bad_input_is_named_before_anything_is_written(project, tmp_path, ca
         PteDecoder(tmp_path / "missing.pte", max_cache_len=CACHE)
     with pytest.raises(BuildError, match="--max-cache-len must be an integer >= 2"):
         build(str(d / "ckpt"), d / "tasks.jsonl", tmp_path / "o3", formats=("pte",), max_cache_len=1)
+
+
+def test_float16_pte_decodes_what_the_float16_torch_program_decodes(project, tmp_path):
+    """float16 is the half precision XNNPACK delegates: the .pte's prefill logits agree with
+    the float16 torch program's within float16 rounding, and its greedy tokens are the same."""
+    _, _, masks = project
+    model = tiny_llama(torch.float16)
+    small = ifp.specialize(export_decode_step(model, CACHE), mask=[m.to(torch.float16) for m in masks])
+    assert {p.dtype for p in small.state_dict.values()} == {torch.float16}
+    path = tmp_path / "fp16.pte"
+    write_pte(small, path)
+    decoder = PteDecoder(path, max_cache_len=CACHE)
+    prompt = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        ref = small.module()(prompt, torch.arange(5))
+    got = decoder._step(prompt, 0)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    want, _ = StepDecoder(small).greedy(prompt, 8)
+    assert decoder.greedy(prompt, 8)[0] == want
