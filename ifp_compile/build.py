@@ -8,9 +8,13 @@ A task is a pure function of (base model hash, mask) -- for an instruction task,
 * *deduplicated*: tasks with identical masks hard-link one set of files;
 * *deterministic*: the same inputs give byte-identical files (no timestamps, sorted JSON,
   deterministic protobuf serialisation, fixed tensor order and alignment);
-* *safe*: a lock (``DIR/.lock``) serialises builds into one directory; each task is
-  assembled in ``DIR/.tmp-*`` and renamed into place; leftovers of a killed build are
-  removed by the next one; task names are plain file names (``../x`` is refused).
+* *resumable and concurrent*: each task is assembled in ``DIR/.tmp-task-NAME-PID`` and
+  renamed into place as soon as it is complete, under its own lock (``build_locks``), so a
+  killed build keeps every finished task and many builds (``make -j``, one ``--only NAME``
+  each) share one directory; leftovers of a killed build are removed by the next one;
+  task names are plain file names (``../x`` is refused);
+* *per-task failures*: a task that cannot be built is reported with its reason and the
+  others are built (``BuildReport.failed``; the CLI exits 1).
 
 The base model is exported to ONNX once per base model hash (``DIR/base/``); each task
 is ``specialize_onnx`` of it, so a task costs what slicing and writing its FFN weights
@@ -21,15 +25,13 @@ its graph, its own sliced parameters beside it (``artifacts.write_task_pt2``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,9 @@ from .artifacts import (
     write_task_onnx,
     write_task_pt2,
 )
-from .errors import IFPError, MaskError
-from .progress import progress, status
+from .build_locks import TaskLock, remove_stale_leftovers, shared_state_lock, task_tmp
+from .errors import IFPError, InstructionError, MaskError
+from .progress import progress, progress_bar, status
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMATS = ("onnx", "pt2", "gguf", "pte")
@@ -120,21 +123,33 @@ def read_tasks(path) -> list[Task]:
             mask = obj["mask"]
             if not isinstance(mask, str):
                 raise BuildError(f"{where}: task {name!r}: mask must be a path to a .safetensors file")
-            mpath = (path.parent / mask).resolve()
-            if not mpath.is_file():
-                raise BuildError(f"{where}: task {name!r}: mask file {mpath} does not exist")
-            tasks.append(Task(name, mask_file=str(mpath)))
+            # a missing file fails this task when it is built, not the whole tasks file
+            tasks.append(Task(name, mask_file=str((path.parent / mask).resolve())))
     if not tasks:
         raise BuildError(f"{path}: no tasks")
     return tasks
 
 
-def read_mask_file(path: str, widths: list[int]):
-    """Masks from a safetensors file with keys ``ffn.0 .. ffn.<n-1>``."""
-    from safetensors.numpy import load_file
+def read_mask_bytes(path: str) -> bytes:
+    """A task's mask file, read once: its hash is the task's input and its masks are parsed
+    from the same bytes, so a file replaced during a build cannot give a task masks that
+    differ from the inputs its manifest records."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MaskError(f"mask file {path} does not exist") from None
+    except OSError as e:
+        raise MaskError(f"mask file {path} cannot be read: {e.strerror or e}") from None
+
+
+def read_mask_file(path: str, widths: list[int], data: bytes | None = None):
+    """Masks from a safetensors file with keys ``ffn.0 .. ffn.<n-1>`` (or from its bytes)."""
+    from safetensors.numpy import load
 
     try:
-        data = load_file(path)
+        data = load(read_mask_bytes(path) if data is None else data)
+    except MaskError:
+        raise
     except Exception as e:  # safetensors raises its own (Rust) error type on corrupt files
         raise MaskError(f"mask file {path}: not a safetensors file ({e})") from None
     keys = sorted(data, key=lambda k: (len(k), k))
@@ -181,6 +196,53 @@ def model_kind(model: str) -> str:
     raise BuildError(f"model {model}: unknown kind (expected .pt2, .onnx, .gguf, a directory, or 'default')")
 
 
+def model_files(model: str) -> list[Path]:
+    """The file(s) a model's identity is computed from."""
+    if model == "default":
+        from .real_model import GGUF_FILE, smollm2_dir
+
+        return [Path(smollm2_dir()) / GGUF_FILE]
+    p = Path(model)
+    return [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+
+
+def model_stat(model: str) -> list:
+    """(relative name, size, modification time) of every model file: unchanged means the
+    hash recorded in the base is still the model's (what ``make``-style tools trust too)."""
+    files = model_files(model)
+    root = Path(model) if model != "default" and Path(model).is_dir() else None
+    rows = []
+    for f in files:
+        st = f.stat()
+        rows.append([str(f.relative_to(root)) if root else f.name, st.st_size, st.st_mtime_ns])
+    return rows
+
+
+def model_hash_cached(model: str, out: Path) -> str:
+    """``model_hash``, or the one ``DIR/base`` recorded for the same files (same sizes and
+    modification times): a one-task ``--only`` build of an 8B checkpoint then hashes
+    nothing, instead of reading 16 GB per call."""
+    base = _read_base_manifest(out)
+    if base.get("model_stat") is not None and base.get("model_stat") == model_stat(model):
+        return base["base_model_sha256"]
+    with status("hashing the base model"):
+        return model_hash(model)
+
+
+def _remember_model_stat(out: Path, model: str, base_hash: str) -> None:
+    data = _read_base_manifest(out)
+    if data.get("base_model_sha256") == base_hash:
+        data["model_stat"] = model_stat(model)
+        atomic_write(out / "base" / "manifest.json", dump_json(data))
+
+
+def _read_base_manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / "base" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def model_hash(model: str) -> str:
     """sha256 over the model's file(s): what every task's identity is rooted in."""
     if model == "default":
@@ -216,6 +278,8 @@ class Source:
             raise BuildError(f"model {model} is ONNX: it computes in the dtype it was exported with (--dtype applies "
                              "to models ifp-compile loads)")
         self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = self._step = None
+        self._predictor = None
+        self.known_widths: list[int] | None = None  # from DIR/base: --only need not load the model
 
     def torch_model(self):
         """(HF model in memory, tokenizer) in ``dtype``: for training, evaluation and pruning."""
@@ -313,22 +377,32 @@ class Source:
             return name(self.dtype)
         return "model" if self.kind in ("pt2", "onnx", "hf") else "float32"
 
-    def predictor_program(self):
-        """The program with the predictor branch, built only when an instruction task needs it.
+    def predictor(self):
+        """What picks an instruction task's masks: ``(callable ids -> masks, tokenizer)``.
 
-        The prompt-activation predictor reads the model's own activations; for a weightless
-        program (a checkpoint directory) it runs the model layer by layer, each weight read
-        from the checkpoint while its operation runs (``weights.stream``).
+        A saved program with a predictor branch is evaluated up to its masks
+        (``predict_masks``); any other model gets the prompt-activation predictor, called
+        directly: the same masks as the branch ``insert_masks(ep, predictor=...)`` would
+        carry (tests/test_real_model.py), without that branch's re-export (25 s for
+        SmolLM2, per build). For a weightless program (a checkpoint directory) the
+        predictor runs the model layer by layer, each weight read from the checkpoint
+        while its operation runs (``weights.stream``).
         """
-        ep, pred, _ = self.programs()
-        if pred is None and self.kind != "pt2":
-            from .passes import insert_masks
-            from .predictors import PromptActivationPredictor
+        if self._predictor is None:
+            ep, pred, tok = self.programs()
+            if self.kind == "pt2":
+                if pred is None:
+                    return None, tok
+                from .passes import find_ffn_blocks, predict_masks
 
-            with status("inserting the prompt-activation predictor"):
-                pred = self._predictor_program = insert_masks(
-                    ep, predictor=PromptActivationPredictor(ep, keep=self.keep))
-        return pred
+                blocks = find_ffn_blocks(pred)
+                self._predictor = lambda ids: predict_masks(pred, blocks, ids)
+            else:
+                from .predictors import PromptActivationPredictor
+
+                with status("building the prompt-activation predictor"):
+                    self._predictor = PromptActivationPredictor(ep, keep=self.keep)
+        return self._predictor, self.programs()[2]
 
     def onnx(self):
         if self._onnx is None:
@@ -353,6 +427,8 @@ class Source:
         return self.model
 
     def widths(self) -> list[int]:
+        if self.known_widths is not None:
+            return self.known_widths
         if self.kind in ("gguf", "default") and self._ep is None:
             # the file's own FFN widths (the same blocks, in the same order, as the torch
             # program's): a GGUF-only build of mask tasks never loads the model
@@ -370,36 +446,24 @@ class Source:
 
         return [b.width for b in find_ffn_blocks(self.programs()[0])]
 
-    def masks_for(self, task: Task):
+    def masks_for(self, task: Task, data: bytes | None = None):
         if task.mask_file is not None:
-            return read_mask_file(task.mask_file, self.widths())
-        pred, tok = self.predictor_program(), self.programs()[2]
-        if pred is None:
-            raise BuildError(f"task {task.name!r} has an instruction, but model {self.model} has no predictor "
+            return read_mask_file(task.mask_file, self.widths(), data)
+        predictor, tok = self.predictor()
+        if predictor is None:
+            raise InstructionError(f"task {task.name!r} has an instruction, but model {self.model} has no predictor "
                              "branch (give mask files, or a model ifp-compile can load with a predictor)")
-        from .passes import find_ffn_blocks, predict_masks
+        import torch
+
         from .masks import instruction_ids
 
-        ids = instruction_ids(task.instruction, tok)
-        return [m.numpy() for m in predict_masks(pred, find_ffn_blocks(pred), ids)]
+        with torch.no_grad():
+            return [m.numpy() for m in predictor(instruction_ids(task.instruction, tok))]
 
 
 # --------------------------------------------------------------------------------------
 # the build
 # --------------------------------------------------------------------------------------
-@contextmanager
-def _locked(out: Path):
-    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildError(f"{out} is being written by another build (lock {out / '.lock'})") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} exists and is not a directory")
@@ -407,7 +471,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str,
-              gguf_down_type: str = "auto", max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> dict:
+              gguf_down_type: str = "auto", max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+              mask_bytes: bytes | None = None) -> dict:
     key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "layout": LAYOUT,
            "tool_version": __version__}
     if "gguf" in formats:
@@ -417,7 +482,7 @@ def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...],
     if task.instruction is not None:
         key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
     else:
-        key.update(mask_file_sha256=sha256_file(Path(task.mask_file)))
+        key.update(mask_file_sha256=hashlib.sha256(mask_bytes).hexdigest() if mask_bytes is not None else None)
     return key
 
 
@@ -445,16 +510,22 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     need_onnx = "onnx" in formats and SHARED_BIN not in data.get("files", {})
     need_pt2 = "pt2" in formats and BASE_SHARED not in data.get("files", {})
     need_tokenizer = "pte" in formats and TOKENIZER not in data.get("files", {})
-    if not (need_onnx or need_pt2 or need_tokenizer):
+    stat = model_stat(source.model)
+    if not (need_onnx or need_pt2 or need_tokenizer or "widths" not in data):
         return data
     tmp = out / f".tmp-base-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    data_before = data
     files = dict(data.get("files", {}))
     for name in files:
         link_or_copy(base / name, tmp / name)
     data = {"base_model_sha256": base_hash, "dtype": dtype, "layout": LAYOUT, "model": str(source.model),
-            "tensors": data.get("tensors", {}), "files": files, "tool_version": __version__}
+            "tensors": data.get("tensors", {}), "files": files, "tool_version": __version__,
+            "widths": data.get("widths") or source.widths(), "model_stat": stat}
+    for key in ("pt2_ffn_parameters",):
+        if key in data_before:
+            data[key] = data_before[key]
     if need_onnx:
         from .onnx import find_onnx_ffn_blocks
 
@@ -550,15 +621,30 @@ def _file_reader(weights: Path, t):
 
 @dataclass
 class BuildReport:
+    """What a build did. ``failed`` maps a task to the reason it was not built (the other
+    tasks were built and kept); ``warnings`` are things the caller should know."""
+
     built: list[str]
     skipped: list[str]
     shared: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Options:
+    formats: tuple[str, ...]
+    jobs: int
+    gguf_down_type: str
+    max_cache_len: int
+    gguf_type: str | None
+    gguf_pre: str | None
 
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
           only: str | None = None, dtype=None, gguf_down_type: str = "auto",
           max_cache_len: int = DEFAULT_MAX_CACHE_LEN, gguf_type: str | None = None,
-          gguf_pre: str | None = None) -> BuildReport:
+          gguf_pre: str | None = None, replace_base: bool = False) -> BuildReport:
     """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
 
     ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
@@ -568,6 +654,14 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     (``gguf_task.write_task_gguf``); from a Hugging Face directory it is written tensor by
     tensor in ``gguf_type`` (``gguf_from_hf``). The ``pte`` format lowers each task's decode-step
     program (a static KV cache of ``max_cache_len`` positions) to ExecuTorch with XNNPACK.
+
+    Each task is published (renamed into ``out/tasks/NAME``) as soon as it is complete, under
+    its own lock, so a killed build keeps what it finished and the next build resumes, and
+    many builds (one ``--only NAME`` per build-system target) can share ``out``
+    (``build_locks``). A task that cannot be built (its mask file missing or of the wrong
+    width, an instruction the model cannot read) is reported in ``BuildReport.failed`` and the
+    others are built. ``out`` holds the tasks of one base model: a build of another model is
+    refused unless ``replace_base`` (then every task is rebuilt for the new model).
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -579,7 +673,9 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
     if not isinstance(max_cache_len, int) or max_cache_len < 2:
         raise BuildError(f"--max-cache-len must be an integer >= 2, got {max_cache_len!r}")
-    tasks = read_tasks(tasks_file)
+    tasks_path = Path(tasks_file)
+    tasks = read_tasks(tasks_path)
+    tasks_sha = sha256_file(tasks_path)
     if only is not None:
         tasks = [t for t in tasks if t.name == only]
         if not tasks:
@@ -587,167 +683,292 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     out = Path(out)
     _prepare_out(out)
     source = Source(model, keep, dtype)
-    if source.kind == "onnx" and "pt2" in formats:
-        raise BuildError(f"model {model} is ONNX: the pt2 format needs a torch model")
-    if "gguf" in formats:
-        from .gguf_task import DOWN_TYPES
-
-        from .gguf_from_hf import QTYPES
-
-        if source.kind == "hf":
-            if gguf_type not in QTYPES:
-                raise BuildError(f"model {model} is a Hugging Face checkpoint: --format gguf needs --gguf-type, the "
-                                 f"type its weights are written in ({', '.join(QTYPES)}); got {gguf_type!r}")
-        elif source.kind in ("gguf", "default"):
-            if gguf_type is not None or gguf_pre is not None:
-                raise BuildError(f"model {model} is a GGUF file: its tasks keep its tensor types and tokenizer "
-                                 "(--gguf-type and --gguf-pre apply to Hugging Face checkpoints; see --gguf-down-type)")
-            if dtype is not None:
-                raise BuildError("--dtype does not apply to the gguf format: a task's GGUF keeps the source's tensor "
-                                 "types (see --gguf-down-type for ffn_down)")
-        else:
-            raise BuildError(f"model {model}: the gguf format is written from a GGUF file or a Hugging Face checkpoint "
-                             f"directory (config and tokenizer included), not from a .{source.kind} file")
-        if gguf_down_type not in DOWN_TYPES:
-            raise BuildError(f"--gguf-down-type {gguf_down_type!r}: choose from {', '.join(DOWN_TYPES)}")
-    with _locked(out):
-        for leftover in out.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        (out / "tasks").mkdir(exist_ok=True)
-        with status("hashing the base model"):
-            base_hash = model_hash(model)
-        keys = {t.name: _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type, max_cache_len)
-                for t in tasks}
+    _check_format_options(source, model, formats, dtype, gguf_down_type, gguf_type, gguf_pre)
+    opts = _Options(formats, jobs, gguf_down_type, max_cache_len, gguf_type, gguf_pre)
+    (out / "tasks").mkdir(exist_ok=True)
+    base_hash = model_hash_cached(model, out)
+    existing = _read_base_manifest(out)
+    if existing.get("base_model_sha256") == base_hash and existing.get("model_stat") != model_stat(model):
+        with shared_state_lock(out):  # touched, same bytes: remember, so the next build hashes nothing
+            _remember_model_stat(out, model, base_hash)
+    if existing.get("base_model_sha256") not in (None, base_hash) and not replace_base:
+        raise BuildError(f"{out} holds the tasks of another base model ({existing.get('model')}, sha256 "
+                         f"{existing['base_model_sha256'][:12]}...), not of {model} (sha256 {base_hash[:12]}...): "
+                         "build into another directory, or pass --replace-base to rebuild every task for this model")
+    if (existing.get("base_model_sha256") == base_hash and existing.get("dtype") == source.dtype_name()
+            and existing.get("layout") == LAYOUT and existing.get("widths")):
+        source.known_widths = existing["widths"]  # mask tasks need no model load to be checked
+    report = BuildReport(built=[], skipped=[], shared=[])
+    mask_bytes: dict[str, bytes] = {}
+    keys = {}
+    for t in tasks:
+        if t.mask_file is not None:
+            try:
+                mask_bytes[t.name] = read_mask_bytes(t.mask_file)
+            except MaskError as e:
+                report.failed[t.name] = str(e)
+                continue
+        keys[t.name] = _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type, max_cache_len,
+                                 mask_bytes.get(t.name))
         if "gguf" in formats and source.kind == "hf":
-            for key in keys.values():
-                key.update(gguf_type=gguf_type, gguf_pre=gguf_pre)
-                key.pop("gguf_down_type", None)
-        todo = [t for t in tasks if not _up_to_date(out / "tasks" / t.name, keys[t.name])]
-        report = BuildReport(built=[], skipped=[t.name for t in tasks if t not in todo], shared=[])
-        if todo:
-            # every mask is computed and checked before anything is written
-            masks = {t.name: source.masks_for(t) for t in progress(todo, "computing masks")}
-            if "gguf" in formats and source.kind == "hf":
-                from .gguf_task import GGUFError
-                from .gguf_from_hf import check_hf_source
-
-                try:
-                    check_hf_source(source.model, [masks[t.name] for t in todo], qtype=gguf_type, pre=gguf_pre)
-                except GGUFError as e:
-                    raise BuildError(str(e)) from None
-            elif "gguf" in formats:
-                from .gguf_task import GGUFError, check_masks
-
-                for t in todo:
-                    try:
-                        check_masks(source.gguf_path(), masks[t.name], gguf_down_type)
-                    except GGUFError as e:
-                        raise BuildError(f"task {t.name!r}: {e}") from None
+            keys[t.name].update(gguf_type=gguf_type, gguf_pre=gguf_pre)
+            keys[t.name].pop("gguf_down_type", None)
+    todo = [t for t in tasks if t.name in keys and not _up_to_date(out / "tasks" / t.name, keys[t.name])]
+    report.skipped = [t.name for t in tasks if t.name in keys and t not in todo]
+    if todo:
+        masks = _compute_masks(source, todo, mask_bytes, opts, report)
+        ready = [t for t in todo if t.name in masks]
+        if ready:
             if "pte" in formats:
                 source.decode_step(max_cache_len)  # the model's kind and dtype checked before anything is written
             try:
-                base = _ensure_base(out, source, base_hash, formats)
-                _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type, max_cache_len,
-                             gguf_type, gguf_pre)
+                with shared_state_lock(out):
+                    remove_stale_leftovers(out)
+                    base = _ensure_base(out, source, base_hash, formats)
+                _build_tasks(out, source, base, ready, keys, masks, opts, report)
             except OSError as e:  # a full disk, permissions: no partial task stays behind
-                for leftover in out.glob(".tmp-*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
+                with shared_state_lock(out):
+                    remove_stale_leftovers(out)
+                    _write_index(out)
                 where = e.filename or out
-                raise BuildError(f"writing {where} failed: {e.strerror or e}; no partial task was left in {out}") from None
+                kept = f" ({len(report.built)} finished task(s) kept)" if report.built else ""
+                raise BuildError(f"writing {where} failed: {e.strerror or e}; no partial task was left in "
+                                 f"{out}{kept}") from None
+    with shared_state_lock(out):
         _write_index(out)
+    if tasks_path.is_file() and sha256_file(tasks_path) != tasks_sha:
+        report.warnings.append(f"{tasks_path} changed during the build: the tasks built are those it held when the "
+                               "build started; build again to apply the change")
     return report
 
 
-def _build_tasks(out, source, base, todo, keys, masks, formats, jobs, report, gguf_down_type="auto",
-                 max_cache_len=DEFAULT_MAX_CACHE_LEN, gguf_type=None, gguf_pre=None) -> None:
-    digests = {name: mask_digest(m) for name, m in masks.items()}
-    first: dict[str, str] = {}  # mask digest -> temp dir that holds its files
-    tmps = {t.name: out / f".tmp-{t.name}-{os.getpid()}" for t in todo}
-    jobs_needed = []
-    for t in todo:
-        tmps[t.name].mkdir()
-        if digests[t.name] not in first:
-            first[digests[t.name]] = t.name
-            jobs_needed.append(t)
-            _write_mask(tmps[t.name], masks[t.name])
-    infos: dict[str, dict] = {}
-    base_dir = str(out / "base")
-    if "onnx" in formats:
-        base_sha = base["files"][SHARED_BIN]
-        args = [(base_dir, base["tensors"], base_sha, masks[t.name], str(tmps[t.name])) for t in jobs_needed]
-        if jobs > 1 and len(args) > 1:
-            import multiprocessing as mp
+def _check_format_options(source, model, formats, dtype, gguf_down_type, gguf_type, gguf_pre) -> None:
+    if source.kind == "onnx" and "pt2" in formats:
+        raise BuildError(f"model {model} is ONNX: the pt2 format needs a torch model")
+    if "gguf" not in formats:
+        return
+    from .gguf_from_hf import QTYPES
+    from .gguf_task import DOWN_TYPES
 
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_onnx_task, *a) for a in args]
-                for t, f in progress(zip(jobs_needed, futures), "building tasks", total=len(futures)):
-                    infos[t.name] = f.result()
-        else:
-            for t, a in progress(list(zip(jobs_needed, args)), "building tasks"):
-                infos[t.name] = _onnx_task(*a)
-    if "pt2" in formats:
+    if source.kind == "hf":
+        if gguf_type not in QTYPES:
+            raise BuildError(f"model {model} is a Hugging Face checkpoint: --format gguf needs --gguf-type, the "
+                             f"type its weights are written in ({', '.join(QTYPES)}); got {gguf_type!r}")
+    elif source.kind in ("gguf", "default"):
+        if gguf_type is not None or gguf_pre is not None:
+            raise BuildError(f"model {model} is a GGUF file: its tasks keep its tensor types and tokenizer "
+                             "(--gguf-type and --gguf-pre apply to Hugging Face checkpoints; see --gguf-down-type)")
+        if dtype is not None:
+            raise BuildError("--dtype does not apply to the gguf format: a task's GGUF keeps the source's tensor "
+                             "types (see --gguf-down-type for ffn_down)")
+    else:
+        raise BuildError(f"model {model}: the gguf format is written from a GGUF file or a Hugging Face checkpoint "
+                         f"directory (config and tokenizer included), not from a .{source.kind} file")
+    if gguf_down_type not in DOWN_TYPES:
+        raise BuildError(f"--gguf-down-type {gguf_down_type!r}: choose from {', '.join(DOWN_TYPES)}")
+
+
+def _compute_masks(source, todo, mask_bytes, opts: _Options, report: BuildReport) -> dict:
+    """Every task's masks, checked against what its formats can hold, before anything is
+    written; a task whose masks fail goes to ``report.failed`` with the reason."""
+    from .gguf_task import GGUFError
+
+    masks = {}
+    for t in progress(todo, "computing masks"):
+        try:
+            m = source.masks_for(t, mask_bytes.get(t.name))
+            if "gguf" in opts.formats and source.kind != "hf":
+                from .gguf_task import check_masks
+
+                check_masks(source.gguf_path(), m, opts.gguf_down_type)
+        except (MaskError, GGUFError, InstructionError) as e:  # this task's inputs; the model's errors stop the build
+            report.failed[t.name] = str(e)
+            continue
+        masks[t.name] = m
+    if "gguf" in opts.formats and source.kind == "hf" and masks:
+        from .gguf_from_hf import check_hf_masks, check_hf_source
+
+        try:  # the checkpoint's architecture and tokenizer: every task's, so the build stops
+            check_hf_source(source.model, [], qtype=opts.gguf_type, pre=opts.gguf_pre)
+        except GGUFError as e:
+            raise BuildError(str(e)) from None
+        for name in list(masks):  # then each task's widths
+            try:
+                check_hf_masks(source.model, masks[name])
+            except GGUFError as e:
+                report.failed[name] = str(e)
+                del masks[name]
+    return masks
+
+
+def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: BuildReport) -> None:
+    """Build and publish ``todo`` one task at a time, each under its lock.
+
+    Tasks whose lock another build holds are built last, after waiting for it (usually
+    they are then up to date). A task with the masks of one already published in this
+    build hard-links its files. With ``jobs`` > 1 the ONNX specialisation of up to ``jobs``
+    tasks runs in worker processes; at most ``jobs`` tasks are in flight, so temporary disk
+    stays bounded by them.
+    """
+    digests = {name: mask_digest(m) for name, m in masks.items()}
+    published: dict[str, str] = {}  # mask digest -> a task of this build that holds its files
+    infos: dict[str, dict] = {}
+    bar = progress_bar(len(todo), "building tasks")
+    pool = None
+    if opts.jobs > 1 and "onnx" in opts.formats and len(todo) > 1:
+        import multiprocessing as mp
+
+        pool = ProcessPoolExecutor(max_workers=opts.jobs, mp_context=mp.get_context("spawn"))
+    in_flight: list = []
+
+    def finish(entry) -> None:
+        t, lock, tmp, future = entry
+        try:
+            info = future.result() if future is not None else None
+            info = _assemble(out, source, base, t, tmp, masks[t.name], opts, info)
+            infos[t.name] = info
+            _publish(out, t, tmp, keys[t.name], digests[t.name], masks[t.name], info, base)
+            published.setdefault(digests[t.name], t.name)
+            report.built.append(t.name)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as e:  # this task fails with its reason; the others are built
+            shutil.rmtree(tmp, ignore_errors=True)
+            report.failed[t.name] = _reason(e)
+        finally:
+            lock.release()
+            bar.update(1)
+
+    def start(t, lock) -> None:
+        if _up_to_date(out / "tasks" / t.name, keys[t.name]):  # published by another build meanwhile
+            lock.release()
+            report.skipped.append(t.name)
+            bar.update(1)
+            return
+        tmp = task_tmp(out, t.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        owner = published.get(digests[t.name])
+        if owner is not None:  # identical masks: hard-link the published task's files
+            try:
+                for f in sorted((out / "tasks" / owner).iterdir()):
+                    if f.name != "manifest.json":
+                        link_or_copy(f, tmp / f.name)
+                _publish(out, t, tmp, keys[t.name], digests[t.name], masks[t.name], infos[owner], base)
+                report.built.append(t.name)
+                report.shared.append(t.name)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                lock.release()
+                bar.update(1)
+            return
+        future = None
+        if pool is not None:
+            future = pool.submit(_onnx_task, str(out / "base"), base["tensors"], base["files"][SHARED_BIN],
+                                 masks[t.name], str(tmp))
+        in_flight.append((t, lock, tmp, future))
+        while len(in_flight) >= opts.jobs or (in_flight and pool is None):
+            finish(in_flight.pop(0))
+
+    def drain() -> None:
+        while in_flight:
+            finish(in_flight.pop(0))
+
+    try:
+        # the first task of each mask first, so that the others can link its files
+        seen: set[str] = set()
+        firsts, rest = [], []
+        for t in todo:
+            (rest if digests[t.name] in seen else firsts).append(t)
+            seen.add(digests[t.name])
+        deferred = []
+        for group in (firsts, rest):
+            for t in group:
+                lock = TaskLock(out, t.name)
+                if lock.try_acquire():
+                    start(t, lock)
+                else:
+                    deferred.append(t)
+            drain()
+        for t in deferred:  # another build holds them: wait, then they are usually up to date
+            lock = TaskLock(out, t.name)
+            lock.acquire()
+            start(t, lock)
+        drain()
+    except BaseException:
+        for t, lock, tmp, _ in in_flight:
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock.release()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+
+
+def _reason(e: Exception) -> str:
+    """A task's failure as one line for the summary: the message of our own errors, the
+    type and message of anything else."""
+    return str(e) if isinstance(e, IFPError) else f"{type(e).__name__}: {e}"
+
+
+def _assemble(out, source, base, t: Task, tmp: Path, masks, opts: _Options, info: dict | None) -> dict:
+    """Write task ``t``'s files into ``tmp`` in every format; returns what its manifest records."""
+    _write_mask(tmp, masks)
+    formats = opts.formats
+    if "onnx" in formats and info is None:
+        info = _onnx_task(str(out / "base"), base["tensors"], base["files"][SHARED_BIN], masks, str(tmp))
+    info = dict(info or {})
+    as_tensors = None
+    if "pt2" in formats or "pte" in formats:
         import torch
 
+        as_tensors = [torch.from_numpy(np.asarray(m)) for m in masks]
+    if "pt2" in formats:
         from .passes import specialize
 
         ep = source.programs()[0]
-        for t in progress(jobs_needed, "writing pt2 programs"):
-            small = specialize(ep, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
-            info = write_task_pt2(small, ep, tmps[t.name], out / "base", base["files"][BASE_SHARED],
-                                  base["pt2_ffn_parameters"])
-            info["pt2_parameters"] = _count(small)
-            entry = infos.setdefault(t.name, {})
-            entry.setdefault("files", {}).update(info.pop("files"))
-            entry.update(info)
+        small = specialize(ep, mask=as_tensors)
+        pt2 = write_task_pt2(small, ep, tmp, out / "base", base["files"][BASE_SHARED], base["pt2_ffn_parameters"])
+        pt2["pt2_parameters"] = _count(small)
+        info.setdefault("files", {}).update(pt2.pop("files"))
+        info.update(pt2)
     if "gguf" in formats and source.kind == "hf":
         from .gguf_from_hf import write_hf_task_gguf
 
-        for t in progress(jobs_needed, f"writing GGUF files ({gguf_type})"):
-            g = write_hf_task_gguf(source.model, masks[t.name], tmps[t.name] / TASK_GGUF, qtype=gguf_type,
-                                   pre=gguf_pre, task=t.name)
-            infos.setdefault(t.name, {}).update(gguf_tensor_types=dict(sorted(g.tensor_types.items())),
-                                                 gguf_notes=g.notes)
+        g = write_hf_task_gguf(source.model, masks, tmp / TASK_GGUF, qtype=opts.gguf_type, pre=opts.gguf_pre,
+                               task=t.name)
+        info.update(gguf_tensor_types=dict(sorted(g.tensor_types.items())), gguf_notes=g.notes)
     elif "gguf" in formats:
         from .gguf_task import write_task_gguf
 
-        for t in progress(jobs_needed, "writing GGUF files"):
-            g = write_task_gguf(source.gguf_path(), masks[t.name], tmps[t.name] / TASK_GGUF,
-                                down_type=gguf_down_type, task=t.name)
-            infos.setdefault(t.name, {}).update(gguf_ffn_down_types=sorted(set(g.down_types)),
-                                                 gguf_notes=g.notes)
+        g = write_task_gguf(source.gguf_path(), masks, tmp / TASK_GGUF, down_type=opts.gguf_down_type, task=t.name)
+        info.update(gguf_ffn_down_types=sorted(set(g.down_types)), gguf_notes=g.notes)
     if "pte" in formats:
-        import torch
-
         from .passes import specialize
         from .pte import write_pte
 
-        step = source.decode_step(max_cache_len)
+        small = specialize(source.decode_step(opts.max_cache_len), mask=as_tensors)
+        sha = write_pte(small, tmp / TASK_PTE)
+        link_or_copy(out / "base" / TOKENIZER, tmp / TOKENIZER)
         tok = source._tokenizer
-        for t in progress(jobs_needed, "lowering ExecuTorch programs"):
-            small = specialize(step, mask=[torch.from_numpy(np.asarray(m)) for m in masks[t.name]])
-            sha = write_pte(small, tmps[t.name] / TASK_PTE)
-            link_or_copy(out / "base" / TOKENIZER, tmps[t.name] / TOKENIZER)
-            entry = infos.setdefault(t.name, {})
-            entry.setdefault("files", {}).update({TASK_PTE: sha, TOKENIZER: base["files"][TOKENIZER]})
-            entry.update(pte_parameters=_count(small), pte={
-                "max_cache_len": max_cache_len, "dtype": source.dtype_name(), "backend": "xnnpack",
-                "method": "forward", "inputs": ["input_ids: int64 [1, n], 1 <= n <= max_cache_len",
-                                                "cache_position: int64 [n], the positions of input_ids"],
-                "output": "logits [1, n, vocab]", "tokenizer": TOKENIZER,
-                "bos_token_id": getattr(tok, "bos_token_id", None), "eos_token_id": getattr(tok, "eos_token_id", None)})
-    for t in todo:
-        owner = first[digests[t.name]]
-        tmp = tmps[t.name]
-        if owner != t.name:  # identical mask: hard-link the owner's files
-            for f in sorted(tmps[owner].iterdir()):
-                if f.name != "manifest.json":
-                    link_or_copy(f, tmp / f.name)
-            report.shared.append(t.name)
-        info = infos.get(owner, {})
-        _write_manifest(tmp, t, keys[t.name], digests[t.name], masks[t.name], info, base)
-    for t in todo:
-        replace_dir(tmps[t.name], out / "tasks" / t.name)
-        report.built.append(t.name)
+        info.setdefault("files", {}).update({TASK_PTE: sha, TOKENIZER: base["files"][TOKENIZER]})
+        info.update(pte_parameters=_count(small), pte={
+            "max_cache_len": opts.max_cache_len, "dtype": source.dtype_name(), "backend": "xnnpack",
+            "method": "forward", "inputs": ["input_ids: int64 [1, n], 1 <= n <= max_cache_len",
+                                            "cache_position: int64 [n], the positions of input_ids"],
+            "output": "logits [1, n, vocab]", "tokenizer": TOKENIZER,
+            "bos_token_id": getattr(tok, "bos_token_id", None), "eos_token_id": getattr(tok, "eos_token_id", None)})
+    return info
+
+
+def _publish(out: Path, t: Task, tmp: Path, key: dict, digest: str, masks, info: dict, base: dict) -> None:
+    """The manifest last, then one rename: ``out/tasks/NAME`` is the whole task or the old one."""
+    _write_manifest(tmp, t, key, digest, masks, info, base)
+    replace_dir(tmp, out / "tasks" / t.name)
 
 
 def _write_mask(directory: Path, masks) -> None:

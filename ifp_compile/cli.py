@@ -116,10 +116,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
                    jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type,
-                   max_cache_len=args.max_cache_len, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre)
+                   max_cache_len=args.max_cache_len, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
+                   replace_base=args.replace_base)
+    failed = f", {len(report.failed)} failed" if report.failed else ""
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
-          f"{len(report.skipped)} up to date")
-    return 0
+          f"{len(report.skipped)} up to date{failed}")
+    for name in report.built:
+        print(f"  built {name}")
+    for name, reason in sorted(report.failed.items()):
+        print(f"error: task {name!r} failed: {reason}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -196,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Specialise a base model for every task of a tasks.jsonl file ({\"name\": ..., "
         "\"instruction\": ...} or {\"name\": ..., \"mask\": \"path.safetensors\"}) and write one artifact "
         "per task under OUT/tasks/NAME. Weights no task changes are written once under OUT/base. "
-        "Incremental (unchanged tasks are skipped), deterministic, atomic per task, locked against "
-        "concurrent builds.",
+        "Incremental (unchanged tasks are skipped), deterministic, resumable (each task is published "
+        "atomically as soon as it is done; a killed build keeps them), and concurrent (per-task locks: "
+        "many builds may share OUT). A task that cannot be built is reported with its reason and the "
+        "others are built; the exit code is then 1 (2 for errors that stop the whole build).",
     )
     bd.add_argument("--model", default="default",
                     help="a saved program (.pt2), an ONNX file, a Hugging Face checkpoint directory (streamed: "
@@ -226,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --gguf-type: llama.cpp's pre-tokenizer name (llama-bpe, qwen2, smollm, gpt-2, ...) when "
                     "it is not recognised from tokenizer.json")
     bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
-    bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel)")
+    bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel; "
+                    "many may run at once on one --out)")
+    bd.add_argument("--replace-base", action="store_true",
+                    help="OUT holds the tasks of another base model: replace its base and rebuild every task for "
+                    "this model (without it such a build is refused)")
     add_dtype_argument(bd, "the model's own (a checkpoint's config dtype; float32 for GGUF)")
     bd.set_defaults(func=_cmd_build)
 

@@ -183,10 +183,15 @@ def check_hf_source(directory, masks_list, *, qtype: str, pre: str | None = None
         raise GGUFSourceError(f"GGUF type {qtype!r}: choose from {', '.join(QTYPES)}")
     gguf_architecture_of(directory)
     _tokenizer(directory, pre)
-    cfg = _config(directory)
-    layers = [_Layer(i, int(cfg["intermediate_size"])) for i in range(int(cfg["num_hidden_layers"]))]
     for masks in masks_list:
-        _check_masks(masks, layers, directory)
+        check_hf_masks(directory, masks)
+
+
+def check_hf_masks(directory, masks) -> None:
+    """One task's masks against the checkpoint's FFN widths (uniform, the right width)."""
+    cfg = _config(Path(directory))
+    layers = [_Layer(i, int(cfg["intermediate_size"])) for i in range(int(cfg["num_hidden_layers"]))]
+    _check_masks(masks, layers, Path(directory))
 
 
 def write_hf_task_gguf(directory, masks, out, *, qtype: str = "q8_0", pre: str | None = None,

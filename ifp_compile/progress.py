@@ -56,3 +56,12 @@ def byte_bar(total: int, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+
+
+def progress_bar(total: int, description: str):
+    """A tqdm bar counting items with an ETA (``update(n)``, ``close()``); silent when quiet."""
+    if quiet():
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="task", file=sys.stderr)

@@ -3,9 +3,9 @@ deterministic, incremental, deduplicating, atomic, locked and verifiable."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,24 +212,13 @@ def test_bad_build_inputs_are_named(project, tmp_path, capsys):
         build(model, d / "tasks.jsonl", tmp_path / "file")
     save_file({"ffn.0": np.ones(32, np.float32), "ffn.1": np.ones(64, np.float32)}, str(tmp_path / "w.safetensors"))
     bad.write_text('{"name": "a", "mask": "w.safetensors"}\n')
-    with pytest.raises(ifp.MaskError, match=r"ffn.0 has shape \(32,\), the model's block 0 has width 64"):
-        build(model, bad, tmp_path / "o2")
+    report = build(model, bad, tmp_path / "o2")
+    assert report.built == [] and list(report.failed) == ["a"]
+    assert re.search(r"ffn.0 has shape \(32,\), the model's block 0 has width 64", report.failed["a"])
     assert not (tmp_path / "o2" / "base").exists(), "masks are checked before anything is written"
-    assert main(["build", "--model", model, "--tasks", str(bad), "--out", str(tmp_path / "o3")]) == 2
-    assert "error: mask file" in capsys.readouterr().err
-
-
-def test_concurrent_build_is_refused(project, tmp_path):
-    d, *_ = project
-    out = tmp_path / "out"
-    out.mkdir()
-    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        with pytest.raises(BuildError, match="is being written by another build"):
-            build(str(d / "model.pt2"), d / "tasks.jsonl", out)
-    finally:
-        os.close(fd)
+    capsys.readouterr()
+    assert main(["build", "--model", model, "--tasks", str(bad), "--out", str(tmp_path / "o3")]) == 1
+    assert "error: task 'a' failed: mask file" in capsys.readouterr().err
 
 
 def test_full_disk_leaves_no_partial_task(project, tmp_path, monkeypatch):

@@ -132,8 +132,8 @@ def test_build_writes_gguf_from_a_checkpoint_and_names_bad_input(llama_checkpoin
         build(str(d), tmp_path / "tasks.jsonl", tmp_path / "o1", formats=("gguf",))
     # per-layer widths, a wrong width: named before anything is written
     save_file({"ffn.0": masks[0], "ffn.1": np.ones(WIDTH, np.float32)}, str(tmp_path / "m.safetensors"))
-    with pytest.raises(BuildError, match="per-layer FFN widths"):
-        build(str(d), tmp_path / "tasks.jsonl", tmp_path / "o2", formats=("gguf",), gguf_type="q8_0")
+    report = build(str(d), tmp_path / "tasks.jsonl", tmp_path / "o2", formats=("gguf",), gguf_type="q8_0")
+    assert report.built == [] and "per-layer FFN widths" in report.failed["a"]
     assert not (tmp_path / "o2" / "tasks" / "a").exists()
     with pytest.raises(GGUFError, match=r"mask 0 has shape \(3,\)"):
         write_hf_task_gguf(d, [np.ones(3), masks[1]], tmp_path / "x.gguf")

@@ -7,6 +7,8 @@ of its type, the metadata carried over, and every bad input named.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -276,9 +278,10 @@ def test_build_refuses_what_a_gguf_cannot_hold_before_writing(tmp_path):
     ragged = binary_masks(1)
     ragged[1][np.flatnonzero(ragged[1])[:8]] = 0.0
     tasks = _tasks(tmp_path, {"ok": binary_masks(1), "ragged": ragged})
-    with pytest.raises(BuildError, match="task 'ragged': per-layer FFN widths .*layer 0 keeps 64 channels, layer 1 56"):
-        build(str(src), tasks, tmp_path / "out", formats=("gguf",))
-    assert sorted(p.name for p in (tmp_path / "out" / "tasks").iterdir()) == []
+    report = build(str(src), tasks, tmp_path / "out", formats=("gguf",))  # checked before anything is written
+    assert report.built == ["ok"] and list(report.failed) == ["ragged"]
+    assert re.search("per-layer FFN widths .*layer 0 keeps 64 channels, layer 1 56", report.failed["ragged"])
+    assert sorted(p.name for p in (tmp_path / "out" / "tasks").iterdir()) == ["ok"]
     with pytest.raises(BuildError, match="--dtype does not apply to the gguf format"):
         build(str(src), tasks, tmp_path / "out", formats=("gguf",), dtype="bf16")
     (tmp_path / "model.pt2").write_bytes(b"")
@@ -288,8 +291,10 @@ def test_build_refuses_what_a_gguf_cannot_hold_before_writing(tmp_path):
     odd = binary_masks(1)
     for m in odd:  # 56 of 64 channels: not a multiple of Q8_0's block of 32
         m[np.flatnonzero(m)[:8]] = 0.0
-    with pytest.raises(BuildError, match="task 'odd': --gguf-down-type q8_0 needs widths that are multiples of 32"):
-        build(str(src), _tasks(tmp_path, {"odd": odd}), tmp_path / "out", formats=("gguf",), gguf_down_type="q8_0")
-    assert list(tmp_path.glob("out/.tmp-*")) == [] and sorted((tmp_path / "out" / "tasks").iterdir()) == []
+    report = build(str(src), _tasks(tmp_path, {"odd": odd}), tmp_path / "out2", formats=("gguf",),
+                   gguf_down_type="q8_0")
+    assert report.built == [] and "--gguf-down-type q8_0 needs widths that are multiples of 32" in report.failed["odd"]
+    assert list(tmp_path.glob("out2/.tmp-*")) == [] and sorted((tmp_path / "out2" / "tasks").iterdir()) == []
+    assert not (tmp_path / "out2" / "base").exists()
     with pytest.raises(BuildError, match="--gguf-type and --gguf-pre apply to Hugging Face checkpoints"):
         build(str(src), tasks, tmp_path / "out", formats=("gguf",), gguf_type="q8_0")
