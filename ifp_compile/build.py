@@ -1010,7 +1010,8 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
 def _write_index(out: Path) -> None:
     tasks = {}
     for d in sorted((out / "tasks").iterdir()):
-        if d.is_dir() and (d / "manifest.json").is_file():
+        # not the .old-* a replacement killed half-way leaves (task names never start with ".")
+        if d.is_dir() and not d.name.startswith(".") and (d / "manifest.json").is_file():
             m = json.loads((d / "manifest.json").read_text())
             tasks[d.name] = {"path": f"tasks/{d.name}", "mask_sha256": m["mask_sha256"],
                              "kept_channels": sum(m["kept_channels"]), "parameters": m["parameters"],
