@@ -850,6 +850,11 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         owner = published.get(digests[t.name])
+        owner_lock = None
+        if owner is None:  # a task of an earlier build with the same masks and inputs
+            owner, owner_lock, info = _earlier_twin(out, t.name, digests[t.name], keys[t.name])
+            if owner is not None:
+                infos[owner] = info
         if owner is not None:  # identical masks: hard-link the published task's files
             try:
                 for f in sorted((out / "tasks" / owner).iterdir()):
@@ -863,6 +868,8 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
                 raise
             finally:
                 lock.release()
+                if owner_lock is not None:
+                    owner_lock.release()
                 bar.update(1)
             return
         future = None
@@ -907,6 +914,39 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
+
+
+#: a task's inputs that name what it is, not what its files hold
+_IDENTITY = ("instruction", "keep", "predictor", "mask_file_sha256")
+
+
+def _earlier_twin(out: Path, name: str, digest: str, key: dict):
+    """A task published by an earlier build whose files this one's would equal (same masks,
+    same inputs but its identity), locked so that nobody replaces it while it is linked;
+    ``(name, lock, info for the manifest)`` or ``(None, None, None)``. Found through
+    ``index.json``, so a build of one task reads one more manifest, not thousands."""
+    try:
+        index = json.loads((out / "index.json").read_text())["tasks"]
+    except (OSError, ValueError, KeyError):
+        return None, None, None
+    want = {k: v for k, v in key.items() if k not in _IDENTITY}
+    for other, entry in sorted(index.items()):
+        if other == name or entry.get("mask_sha256") != digest:
+            continue
+        lock = TaskLock(out, other)
+        if not lock.try_acquire():
+            continue
+        try:
+            m = json.loads((out / "tasks" / other / "manifest.json").read_text())
+        except (OSError, ValueError):
+            m = {}
+        if m.get("mask_sha256") == digest and {k: v for k, v in m.get("inputs", {}).items() if k not in _IDENTITY} == want:
+            info = {**m["parameters"], "files": m["files"], **{k: m[k] for k in (
+                "own_weight_bytes", "base_linked", "pt2_own_weight_bytes", "pt2_base_linked", "gguf_ffn_down_types",
+                "gguf_notes", "gguf_tensor_types", "pte") if k in m}}
+            return other, lock, info
+        lock.release()
+    return None, None, None
 
 
 def _reason(e: Exception) -> str:

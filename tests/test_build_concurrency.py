@@ -261,3 +261,17 @@ def test_instruction_tasks_get_the_prompt_activation_predictors_masks(project, t
                     + json.dumps({"name": "t0", "mask": str(d / "m0.safetensors")}) + "\n")
     report = build(str(d / "model.pt2"), both, tmp_path / "out2")
     assert report.built == ["t0"] and "has an instruction, but model" in report.failed["math"]
+
+
+def test_a_later_task_with_an_earlier_tasks_masks_links_its_files(project, tmp_path):
+    d, built = project
+    out = base_only(built, tmp_path / "out")
+    assert build(str(d / "model.pt2"), d / "tasks.jsonl", out, only="t0").built == ["t0"]
+    report = build(str(d / "model.pt2"), d / "tasks.jsonl", out, only="t3")  # t3 has t0's mask file
+    assert report.built == ["t3"] and report.shared == ["t3"]
+    for f in (out / "tasks" / "t0").iterdir():
+        if f.name != "manifest.json":
+            assert (out / "tasks" / "t3" / f.name).stat().st_ino == f.stat().st_ino, f.name
+    assert verify(out) == ["t0", "t3"]
+    t0, t3 = (json.loads((out / "tasks" / n / "manifest.json").read_text()) for n in ("t0", "t3"))
+    assert {k: v for k, v in t3.items() if k != "name"} == {k: v for k, v in t0.items() if k != "name"}
