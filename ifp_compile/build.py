@@ -1009,6 +1009,7 @@ def _publish(out: Path, t: Task, tmp: Path, key: dict, digest: str, masks, info:
     """The manifest last, then one rename: ``out/tasks/NAME`` is the whole task or the old one."""
     _write_manifest(tmp, t, key, digest, masks, info, base)
     replace_dir(tmp, out / "tasks" / t.name)
+    _index_add(out, t.name)
 
 
 def _write_mask(directory: Path, masks) -> None:
@@ -1047,16 +1048,33 @@ def _write_manifest(tmp: Path, task: Task, key: dict, digest: str, masks, info: 
     atomic_write(tmp / "manifest.json", dump_json(manifest))
 
 
+def _index_entry(name: str, m: dict) -> dict:
+    return {"path": f"tasks/{name}", "mask_sha256": m["mask_sha256"], "kept_channels": sum(m["kept_channels"]),
+            "parameters": m["parameters"], "instruction": m["instruction"]}
+
+
 def _write_index(out: Path) -> None:
+    """``index.json`` from every published task (the end of a build: authoritative)."""
     tasks = {}
     for d in sorted((out / "tasks").iterdir()):
         # not the .old-* a replacement killed half-way leaves (task names never start with ".")
         if d.is_dir() and not d.name.startswith(".") and (d / "manifest.json").is_file():
-            m = json.loads((d / "manifest.json").read_text())
-            tasks[d.name] = {"path": f"tasks/{d.name}", "mask_sha256": m["mask_sha256"],
-                             "kept_channels": sum(m["kept_channels"]), "parameters": m["parameters"],
-                             "instruction": m["instruction"]}
+            tasks[d.name] = _index_entry(d.name, json.loads((d / "manifest.json").read_text()))
     atomic_write(out / "index.json", dump_json({"tool_version": __version__, "tasks": tasks}))
+
+
+def _index_add(out: Path, name: str) -> None:
+    """Add one just-published task to ``index.json``: a build killed later still leaves an
+    index of what it finished, and later tasks with the same masks find it to link."""
+    with shared_state_lock(out):
+        try:
+            index = json.loads((out / "index.json").read_text())
+        except (OSError, ValueError):
+            index = {"tool_version": __version__, "tasks": {}}
+        tasks = index.get("tasks", {})
+        tasks[name] = _index_entry(name, json.loads((out / "tasks" / name / "manifest.json").read_text()))
+        index.update(tool_version=__version__, tasks=dict(sorted(tasks.items())))
+        atomic_write(out / "index.json", dump_json(index))
 
 
 def verify(out) -> list[str]:

@@ -99,12 +99,15 @@ def test_a_killed_build_keeps_finished_tasks_and_the_next_resumes(project, tmp_p
     proc.wait()
     done = sorted(p.name for p in (out / "tasks").iterdir() if not p.name.startswith("."))
     assert 2 <= len(done) < len(NAMES), "the kill came after two tasks and before the last"
-    for name in done:  # each published task is complete (the index may not list it yet)
+    for name in done:  # each published task is complete, and listed in the index
         from ifp_compile.artifacts import verify_artifact
 
         verify_artifact(out / "tasks" / name)
+    assert sorted(json.loads((out / "index.json").read_text())["tasks"]) == done
     report = build(str(d / "model.pt2"), d / "tasks.jsonl", out)
     assert sorted(report.skipped) == done and sorted(report.built + report.skipped) == NAMES
+    # a task whose mask a finished task has links that task's files (t3 has t0's mask, ...)
+    assert sorted(report.shared) == [n for n in NAMES[3:] if n not in done]
     assert not list(out.glob(".tmp-*")) and verify(out) == NAMES
     assert {p.name: p.read_bytes() for p in sorted((out / "tasks").rglob("*")) if p.is_file()} == \
         {p.name: p.read_bytes() for p in sorted((built / "tasks").rglob("*")) if p.is_file()}
