@@ -734,8 +734,11 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
                 kept = f" ({len(report.built)} finished task(s) kept)" if report.built else ""
                 raise BuildError(f"writing {where} failed: {e.strerror or e}; no partial task was left in "
                                  f"{out}{kept}") from None
-    with shared_state_lock(out):
-        _write_index(out)
+    if only is None or not (out / "index.json").is_file():
+        # the full rescan; an --only build's task was added as it was published (_index_add),
+        # and rescanning every manifest per --only call would cost O(tasks) per target
+        with shared_state_lock(out):
+            _write_index(out)
     if tasks_path.is_file() and sha256_file(tasks_path) != tasks_sha:
         report.warnings.append(f"{tasks_path} changed during the build: the tasks built are those it held when the "
                                "build started; build again to apply the change")
