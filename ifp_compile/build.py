@@ -56,7 +56,7 @@ from .artifacts import (
     write_task_onnx,
     write_task_pt2,
 )
-from .build_locks import TaskLock, remove_stale_leftovers, shared_state_lock, task_tmp
+from .build_locks import BASE_TMP, TaskLock, remove_stale_leftovers, shared_state_lock, task_tmp
 from .errors import IFPError, InstructionError, MaskError
 from .progress import progress, progress_bar, status
 
@@ -513,7 +513,7 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
     stat = model_stat(source.model)
     if not (need_onnx or need_pt2 or need_tokenizer or "widths" not in data):
         return data
-    tmp = out / f".tmp-base-{os.getpid()}"
+    tmp = out / f"{BASE_TMP}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     data_before = data

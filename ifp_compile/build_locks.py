@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,10 +78,8 @@ class TaskLock:
 
     def acquire(self) -> None:
         fd = _open(self.out / LOCKS / f"{self.name}.lock")
-        start = time.perf_counter()
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.fd = fd
-        self.waited = time.perf_counter() - start
         self._remove_leftovers()
 
     def release(self) -> None:
