@@ -218,21 +218,20 @@ def model_stat(model: str) -> list:
     return rows
 
 
-def model_hash_cached(model: str, out: Path) -> str:
-    """``model_hash``, or the one ``DIR/base`` recorded for the same files (same sizes and
-    modification times): a one-task ``--only`` build of an 8B checkpoint then hashes
-    nothing, instead of reading 16 GB per call."""
-    base = _read_base_manifest(out)
-    if base.get("model_stat") is not None and base.get("model_stat") == model_stat(model):
+def model_hash_cached(model: str, base: dict, stat: list) -> str:
+    """``model_hash``, or the one the base manifest ``base`` recorded for the same files
+    (``stat``: same sizes and modification times): a one-task ``--only`` build of an 8B
+    checkpoint then hashes nothing, instead of reading 16 GB per call."""
+    if base.get("model_stat") is not None and base.get("model_stat") == stat:
         return base["base_model_sha256"]
     with status("hashing the base model"):
         return model_hash(model)
 
 
-def _remember_model_stat(out: Path, model: str, base_hash: str) -> None:
+def _remember_model_stat(out: Path, stat: list, base_hash: str) -> None:
     data = _read_base_manifest(out)
     if data.get("base_model_sha256") == base_hash:
-        data["model_stat"] = model_stat(model)
+        data["model_stat"] = stat
         atomic_write(out / "base" / "manifest.json", dump_json(data))
 
 
@@ -686,11 +685,11 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     _check_format_options(source, model, formats, dtype, gguf_down_type, gguf_type, gguf_pre)
     opts = _Options(formats, jobs, gguf_down_type, max_cache_len, gguf_type, gguf_pre)
     (out / "tasks").mkdir(exist_ok=True)
-    base_hash = model_hash_cached(model, out)
-    existing = _read_base_manifest(out)
-    if existing.get("base_model_sha256") == base_hash and existing.get("model_stat") != model_stat(model):
+    existing, stat = _read_base_manifest(out), model_stat(model)
+    base_hash = model_hash_cached(model, existing, stat)
+    if existing.get("base_model_sha256") == base_hash and existing.get("model_stat") != stat:
         with shared_state_lock(out):  # touched, same bytes: remember, so the next build hashes nothing
-            _remember_model_stat(out, model, base_hash)
+            _remember_model_stat(out, stat, base_hash)
     if existing.get("base_model_sha256") not in (None, base_hash) and not replace_base:
         raise BuildError(f"{out} holds the tasks of another base model ({existing.get('model')}, sha256 "
                          f"{existing['base_model_sha256'][:12]}...), not of {model} (sha256 {base_hash[:12]}...): "
@@ -815,6 +814,7 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
     """
     digests = {name: mask_digest(m) for name, m in masks.items()}
     published: dict[str, str] = {}  # mask digest -> a task of this build that holds its files
+    earlier = _published_index(out)  # tasks of earlier builds, whose files a twin may link
     infos: dict[str, dict] = {}
     bar = progress_bar(len(todo), "building tasks")
     pool = None
@@ -855,7 +855,7 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
         owner = published.get(digests[t.name])
         owner_lock = None
         if owner is None:  # a task of an earlier build with the same masks and inputs
-            owner, owner_lock, info = _earlier_twin(out, t.name, digests[t.name], keys[t.name])
+            owner, owner_lock, info = _earlier_twin(out, earlier, t.name, digests[t.name], keys[t.name])
             if owner is not None:
                 infos[owner] = info
         if owner is not None:  # identical masks: hard-link the published task's files
@@ -923,15 +923,20 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
 _IDENTITY = ("instruction", "keep", "predictor", "mask_file_sha256")
 
 
-def _earlier_twin(out: Path, name: str, digest: str, key: dict):
+def _published_index(out: Path) -> dict:
+    """The tasks ``index.json`` lists (read once per build: tasks this build publishes are
+    in its own ``published`` map)."""
+    try:
+        return json.loads((out / "index.json").read_text())["tasks"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _earlier_twin(out: Path, index: dict, name: str, digest: str, key: dict):
     """A task published by an earlier build whose files this one's would equal (same masks,
     same inputs but its identity), locked so that nobody replaces it while it is linked;
     ``(name, lock, info for the manifest)`` or ``(None, None, None)``. Found through
-    ``index.json``, so a build of one task reads one more manifest, not thousands."""
-    try:
-        index = json.loads((out / "index.json").read_text())["tasks"]
-    except (OSError, ValueError, KeyError):
-        return None, None, None
+    ``index``, so a build of one task reads one more manifest, not thousands."""
     want = {k: v for k, v in key.items() if k not in _IDENTITY}
     for other, entry in sorted(index.items()):
         if other == name or entry.get("mask_sha256") != digest:
