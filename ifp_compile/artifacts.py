@@ -16,6 +16,9 @@ Layout of a build directory (see ``build.py`` for how it is filled)::
     DIR/tasks/<name>/program.ffn.safetensors     its own FFN parameters
     DIR/tasks/<name>/program.shared.safetensors  hard link to DIR/base/shared.safetensors
     DIR/tasks/<name>/manifest.json    inputs, hashes of every file, parameter counts
+    DIR/graphs/<sha256>.onnx|.pt2     each distinct task graph once, hard-linked into its tasks
+    DIR/graphs/plans/*.json           per signature (channels kept per block): how its tasks'
+                                      weights are cut from the base (``shared_graphs``)
 
 Why a hard link: ONNX Runtime and ``onnx.load`` refuse external data outside the
 model's directory (``../base`` is rejected), so each task directory must contain the
@@ -136,11 +139,13 @@ class _Packer:
         self.sha256.update(data)
         self.offset += len(data)
 
-    def add(self, data: bytes) -> tuple[int, int]:
+    def add(self, data) -> tuple[int, int]:
+        """Append ``data`` (bytes, or a contiguous buffer) after padding; its (offset, length)."""
         pad = (-self.offset) % ALIGN
         if pad:
             self._write(b"\0" * pad)
         start = self.offset
+        data = memoryview(data).cast("B")
         self._write(data)
         return start, len(data)
 
@@ -172,8 +177,9 @@ def _strip_node_metadata(graph) -> None:
 
 
 def _write_model(model, directory: Path, packers: dict[str, _Packer], choose, *,
-                 strip_metadata: bool = False) -> str:
-    """Point large initializers at external files chosen by ``choose(value)`` and save.
+                 strip_metadata: bool = False, external=frozenset()) -> str:
+    """Point large initializers (and those named in ``external``) at external files
+    chosen by ``choose(value)`` and save.
 
     Returns the sha256 of the written ``model.onnx``.
     """
@@ -181,7 +187,7 @@ def _write_model(model, directory: Path, packers: dict[str, _Packer], choose, *,
 
     for value in model.graph.initializers.values():
         t = value.const_value
-        if t is None or t.nbytes <= INLINE_BYTES:
+        if t is None or (t.nbytes <= INLINE_BYTES and value.name not in external):
             continue
         location, span = choose(value)
         if span is None:
@@ -239,18 +245,22 @@ def write_packed(model, directory: Path, location_of) -> dict[str, Any]:
 
 
 def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str, Any],
-                    shared_sha256: str | None = None) -> dict[str, Any]:
+                    shared_sha256: str | None = None, *, external=frozenset()) -> dict[str, Any]:
     """Write a specialised ONNX model into a (temporary) task directory.
 
     Tensors identical to a shared base tensor point into ``shared.bin`` (a hard link to
     the base's); the rest -- the task's FFN weights, sliced or (a layer kept whole) not --
-    go to ``ffn.bin``. Returns the sha256 of every file written under ``"files"``;
+    go to ``ffn.bin``, and so do the small ones named in ``external`` (the task's sliced
+    weights: kept out of the graph, the graph is the same for every task of its widths).
+    Returns the sha256 of every file written under ``"files"`` and, under
+    ``"ffn_layout"``, each ``ffn.bin`` tensor as ``[name, offset, length]``;
     ``shared_sha256`` (from the base manifest) spares re-hashing the shared weights for
     every task.
     """
     linked = link_or_copy(base_dir / SHARED_BIN, directory / SHARED_BIN)
     packer = _Packer(directory / FFN_BIN)
     own = 0
+    layout: list[list] = []
 
     def choose(value):
         # specialize_onnx never changes an initializer under its old name (sliced ones
@@ -260,30 +270,34 @@ def write_task_onnx(model, directory: Path, base_dir: Path, base_table: dict[str
         if entry is not None and entry[0] == SHARED_BIN and entry[2] == value.const_value.nbytes:
             return SHARED_BIN, (entry[1], entry[2])
         own += value.const_value.nbytes
-        return FFN_BIN, None
+        span = packer.add(_tensor_bytes(value.const_value))
+        layout.append([value.name, *span])
+        return FFN_BIN, span
 
     try:
-        graph_sha = _write_model(model, directory, {FFN_BIN: packer}, choose, strip_metadata=True)
+        graph_sha = _write_model(model, directory, {FFN_BIN: packer}, choose, strip_metadata=True, external=external)
     finally:
         packer.close()
     files = {"model.onnx": graph_sha, FFN_BIN: packer.sha256.hexdigest(),
              SHARED_BIN: shared_sha256 or sha256_file(directory / SHARED_BIN)}
-    return {"base_linked": linked, "own_weight_bytes": own, "files": files}
+    return {"base_linked": linked, "own_weight_bytes": own, "files": files, "ffn_layout": layout}
 
 
 def write_task_pt2(small, base_program, directory: Path, base_dir: Path, shared_sha256: str,
-                   ffn_names) -> dict[str, Any]:
+                   ffn_names, own=None) -> dict[str, Any]:
     """Write a specialised program into a (temporary) task directory, sharing the base.
 
     ``program.pt2`` holds the graph with its parameters left out; the parameters that are
     not the base program's shared ones (its FFN weights, sliced or whole) go to
     ``program.ffn.safetensors``; the rest are read from ``program.shared.safetensors``, a
     hard link to the base's ``shared.safetensors`` (every base parameter not in ``ffn_names``).
+    ``own``: those parameters, when the caller has computed them already.
     """
     from .program_weights import own_parameters
 
     linked = link_or_copy(base_dir / BASE_SHARED, directory / PT2_FILES["shared"])
-    own = own_parameters(small, base_program, not_shared=ffn_names)
+    if own is None:
+        own = own_parameters(small, base_program, not_shared=ffn_names)
     files = write_program(small, own, directory, PT2_FILES["own"])
     files[PT2_FILES["shared"]] = shared_sha256
     return {"pt2_base_linked": linked, "pt2_own_weight_bytes": sum(t.nbytes for t in own.values()), "files": files}

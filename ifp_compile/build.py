@@ -30,7 +30,7 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,16 +268,17 @@ class Source:
     float32 for GGUF, whose weights are de-quantized) is what the artifacts compute in.
     """
 
-    def __init__(self, model: str, keep: float, dtype=None):
+    def __init__(self, model: str, keep: float, dtype=None, predictor: str | None = None):
         from .dtypes import parse_dtype
 
         self.model, self.kind, self.keep = model, model_kind(model), keep
+        self.predictor_checkpoint = predictor  # a trained IFPredictor (``ifp-compile train``), or None
         self.dtype = None if dtype is None else parse_dtype(dtype)
         if self.dtype is not None and self.kind == "onnx":
             raise BuildError(f"model {model} is ONNX: it computes in the dtype it was exported with (--dtype applies "
                              "to models ifp-compile loads)")
         self._ep = self._predictor_program = self._tokenizer = self._onnx = self._model = self._step = None
-        self._predictor = None
+        self._predictor = self._predictor_tokenizer = self._trained = None
         self.known_widths: list[int] | None = None  # from DIR/base: --only need not load the model
 
     def torch_model(self):
@@ -387,6 +388,8 @@ class Source:
         predictor runs the model layer by layer, each weight read from the checkpoint
         while its operation runs (``weights.stream``).
         """
+        if self._predictor is None and self.predictor_checkpoint is not None:
+            self._load_trained_predictor()
         if self._predictor is None:
             ep, pred, tok = self.programs()
             if self.kind == "pt2":
@@ -401,7 +404,69 @@ class Source:
 
                 with status("building the prompt-activation predictor"):
                     self._predictor = PromptActivationPredictor(ep, keep=self.keep)
-        return self._predictor, self.programs()[2]
+        return self._predictor, self._predictor_tokenizer or self.programs()[2]
+
+    def _load_trained_predictor(self) -> None:
+        from .predictors.base import keep_counts
+        from .train.config import TrainError
+        from .train.trainer import load_predictor
+
+        where = f"--predictor {self.predictor_checkpoint}"
+        widths = self.widths()
+        try:
+            with status(f"loading the predictor {self.predictor_checkpoint}"):
+                predictor, tok, _ = load_predictor(self.predictor_checkpoint, widths)
+        except TrainError as e:
+            raise BuildError(f"{where}: {e}") from None
+        if predictor.counts != keep_counts(widths, self.keep):
+            raise BuildError(f"{where} keeps {sum(predictor.counts)} of {sum(widths)} channels, --keep {self.keep} "
+                             f"keeps {sum(keep_counts(widths, self.keep))}: pass the --keep it was trained with")
+        self._predictor, self._predictor_tokenizer, self._trained = predictor, tok, predictor
+
+    #: a trained predictor reads instructions in batches of this many rows, each padded to a
+    #: multiple of this many tokens: a fixed shape per instruction length (below)
+    PREDICTOR_BATCH, PREDICTOR_BUCKET = 8, 16
+
+    def instruction_masks(self, tasks: list[Task]) -> dict[str, list[np.ndarray]]:
+        """The masks of instruction ``tasks``; a trained predictor reads them in batches.
+
+        Batches have one shape per instruction length: ``PREDICTOR_BATCH`` rows (unused rows
+        are one padding token), each right-padded to the next multiple of
+        ``PREDICTOR_BUCKET`` tokens. Why: a padded batch gives masks that differ from the
+        same instruction's in another shape in the last bit (measured: 1.2e-7), and a task's
+        bytes must not depend on which tasks were built with it (an ``--only`` build and a
+        full build agree; tests/test_build_predictor.py). With the shape fixed, each row
+        is computed the same way whatever the other rows hold.
+        """
+        predictor, tok = self.predictor()
+        if self._trained is None:
+            return {t.name: self.masks_for(t) for t in tasks}
+        import torch
+
+        from .train.data import encode
+
+        rows, width = self.PREDICTOR_BATCH, self.PREDICTOR_BUCKET
+        by_shape: dict[int, list[tuple[Task, list[int]]]] = {}
+        for t in tasks:
+            ids = encode(tok, t.instruction)
+            if not ids:
+                raise InstructionError(f"task {t.name!r}: the tokenizer produced no tokens for its instruction")
+            by_shape.setdefault(-(-len(ids) // width) * width, []).append((t, ids))
+        out = {}
+        for n, items in sorted(by_shape.items()):
+            for start in range(0, len(items), rows):
+                group = items[start:start + rows]
+                padded = torch.zeros(rows, n, dtype=torch.long)
+                attention = torch.zeros(rows, n, dtype=torch.long)
+                attention[:, 0] = 1  # unused rows: one token
+                for i, (_, ids) in enumerate(group):
+                    padded[i, :len(ids)] = torch.tensor(ids)
+                    attention[i, :len(ids)] = 1
+                with torch.no_grad():
+                    masks = self._trained.batch_masks(padded, attention)
+                for i, (t, _) in enumerate(group):
+                    out[t.name] = [m[i].numpy().copy() for m in masks]
+        return out
 
     def onnx(self):
         if self._onnx is None:
@@ -449,6 +514,8 @@ class Source:
         if task.mask_file is not None:
             return read_mask_file(task.mask_file, self.widths(), data)
         predictor, tok = self.predictor()
+        if self._trained is not None:
+            return self.instruction_masks([task])[task.name]
         if predictor is None:
             raise InstructionError(f"task {task.name!r} has an instruction, but model {self.model} has no predictor "
                              "branch (give mask files, or a model ifp-compile can load with a predictor)")
@@ -471,7 +538,7 @@ def _prepare_out(out: Path) -> None:
 
 def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...], dtype: str,
               gguf_down_type: str = "auto", max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
-              mask_bytes: bytes | None = None) -> dict:
+              mask_bytes: bytes | None = None, predictor: dict | None = None) -> dict:
     key = {"base_model_sha256": base_hash, "dtype": dtype, "formats": list(formats), "layout": LAYOUT,
            "tool_version": __version__}
     if "gguf" in formats:
@@ -479,7 +546,7 @@ def _task_key(task: Task, base_hash: str, keep: float, formats: tuple[str, ...],
     if "pte" in formats:
         key["pte_max_cache_len"] = max_cache_len
     if task.instruction is not None:
-        key.update(instruction=task.instruction, keep=keep, predictor="prompt_activation")
+        key.update(instruction=task.instruction, keep=keep, **(predictor or {"predictor": "prompt_activation"}))
     else:
         key.update(mask_file_sha256=hashlib.sha256(mask_bytes).hexdigest() if mask_bytes is not None else None)
     return key
@@ -506,6 +573,9 @@ def _ensure_base(out: Path, source: Source, base_hash: str, formats: tuple[str, 
         if (data.get("base_model_sha256") != base_hash or data.get("dtype") != dtype
                 or data.get("layout") != LAYOUT or not all((base / f).is_file() for f in data.get("files", {}))):
             data = {}  # another model, dtype or layout: a new base (tasks keep theirs through their hard links)
+            from .shared_graphs import GRAPHS
+
+            shutil.rmtree(out / GRAPHS, ignore_errors=True)  # the old base's graphs and plans
     need_onnx = "onnx" in formats and SHARED_BIN not in data.get("files", {})
     need_pt2 = "pt2" in formats and BASE_SHARED not in data.get("files", {})
     need_tokenizer = "pte" in formats and TOKENIZER not in data.get("files", {})
@@ -564,19 +634,25 @@ def _write_tokenizer(source: Source, path: Path) -> str:
 
 
 def _onnx_task(base_dir: str, base_table: dict, shared_sha256: str, masks, tmp: str) -> dict:
-    """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too)."""
-    from .onnx import initializer_count, specialize_onnx
+    """Specialise the base ONNX for one mask and write it into ``tmp`` (runs in workers too);
+    what the manifest records, and under ``"plan"`` the plan later tasks of the same widths
+    are written by (``shared_graphs``)."""
+    from .onnx import initializer_count
+    from .passes.onnx_specialize import specialize_onnx_with_slices
+    from .shared_graphs import empty, onnx_plan
 
+    empty(Path(tmp))  # a retried worker task starts again from nothing
     path = Path(base_dir) / "model.onnx"
     cache_key = (str(path), path.stat().st_mtime_ns)  # a rebuilt base is a new file
     base = _BASE_CACHE.get(cache_key)
     if base is None:
         _BASE_CACHE.clear()
         base = _BASE_CACHE[cache_key] = _load_base(path)
-    small = specialize_onnx(base, [np.asarray(m, dtype=np.float32) for m in masks])
+    small, slices = specialize_onnx_with_slices(base, [np.asarray(m, dtype=np.float32) for m in masks])
     scalars = initializer_count(small)
-    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table, shared_sha256)
+    info = write_task_onnx(small, Path(tmp), Path(base_dir), base_table, shared_sha256, external=frozenset(slices))
     info["onnx_initializer_scalars"] = scalars
+    info["plan"] = onnx_plan(slices, info.pop("ffn_layout"), base, info)
     return info
 
 
@@ -628,6 +704,7 @@ class BuildReport:
     shared: list[str]
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each built task, from its start to its publication
 
 
 @dataclass
@@ -638,12 +715,16 @@ class _Options:
     max_cache_len: int
     gguf_type: str | None
     gguf_pre: str | None
+    share_graphs: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), jobs: int = 1,
           only: str | None = None, dtype=None, gguf_down_type: str = "auto",
           max_cache_len: int = DEFAULT_MAX_CACHE_LEN, gguf_type: str | None = None,
-          gguf_pre: str | None = None, replace_base: bool = False) -> BuildReport:
+          gguf_pre: str | None = None, replace_base: bool = False, share_graphs: bool = True,
+          executor: str = "local", ray_address: str | None = None, predictor: str | None = None) -> BuildReport:
     """Build every task of ``tasks_file`` (or the one named ``only``) into ``out``.
 
     ``dtype`` (float32, bfloat16, float16, or None for the model's own) is what the
@@ -661,6 +742,14 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
     width, an instruction the model cannot read) is reported in ``BuildReport.failed`` and the
     others are built. ``out`` holds the tasks of one base model: a build of another model is
     refused unless ``replace_base`` (then every task is rebuilt for the new model).
+    ``share_graphs=False`` builds every task with the graph passes instead of writing tasks
+    of known widths from their plan (``shared_graphs``): the same bytes, slower; for
+    comparisons. ``executor`` is where tasks that need no model in memory run: ``local``
+    (``jobs`` worker processes) or ``ray`` (Ray tasks on the cluster at ``ray_address``, or on
+    a local Ray instance); see ``executors``. ``predictor`` (a checkpoint directory of
+    ``ifp-compile train``) picks instruction tasks' masks, in batches, instead of the
+    prompt-activation predictor; its hash is one of their inputs, so they are rebuilt
+    when it changes.
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -670,6 +759,12 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
         raise BuildError(f"--keep must be in (0, 1], got {keep}")
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise BuildError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if ray_address is not None and executor != "ray":
+        raise BuildError("--ray-address applies to --executor ray")
     if not isinstance(max_cache_len, int) or max_cache_len < 2:
         raise BuildError(f"--max-cache-len must be an integer >= 2, got {max_cache_len!r}")
     tasks_path = Path(tasks_file)
@@ -681,9 +776,21 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
             raise BuildError(f"--only {only}: no task of that name in {tasks_file}")
     out = Path(out)
     _prepare_out(out)
-    source = Source(model, keep, dtype)
+    source = Source(model, keep, dtype, predictor)
+    predictor_key = None
+    if predictor is not None:
+        from .train.config import TrainError
+        from .train.trainer import predictor_sha256
+
+        try:
+            predictor_key = {"predictor": "ifpredictor", "predictor_sha256": predictor_sha256(predictor)}
+        except TrainError as e:
+            raise BuildError(f"--predictor {predictor}: {e}") from None
+    elif source.kind == "pt2":
+        predictor_key = {"predictor": "program_branch"}  # the saved program's own predictor branch
     _check_format_options(source, model, formats, dtype, gguf_down_type, gguf_type, gguf_pre)
-    opts = _Options(formats, jobs, gguf_down_type, max_cache_len, gguf_type, gguf_pre)
+    opts = _Options(formats, jobs, gguf_down_type, max_cache_len, gguf_type, gguf_pre, share_graphs, executor,
+                    ray_address)
     (out / "tasks").mkdir(exist_ok=True)
     existing, stat = _read_base_manifest(out), model_stat(model)
     base_hash = model_hash_cached(model, existing, stat)
@@ -708,7 +815,7 @@ def build(model: str, tasks_file, out, *, keep: float = 0.5, formats=("onnx",), 
                 report.failed[t.name] = str(e)
                 continue
         keys[t.name] = _task_key(t, base_hash, keep, formats, source.dtype_name(), gguf_down_type, max_cache_len,
-                                 mask_bytes.get(t.name))
+                                 mask_bytes.get(t.name), predictor_key)
         if "gguf" in formats and source.kind == "hf":
             keys[t.name].update(gguf_type=gguf_type, gguf_pre=gguf_pre)
             keys[t.name].pop("gguf_down_type", None)
@@ -776,9 +883,17 @@ def _compute_masks(source, todo, mask_bytes, opts: _Options, report: BuildReport
     from .gguf_task import GGUFError
 
     masks = {}
+    batched: dict = {}
+    instructed = [t for t in todo if t.instruction is not None]
+    if instructed and source.predictor_checkpoint is not None:
+        try:  # a trained predictor reads its instructions in batches
+            with status(f"computing the masks of {len(instructed)} instruction task(s) with the trained predictor"):
+                batched = source.instruction_masks(instructed)
+        except InstructionError:
+            pass  # an instruction it cannot read: one task at a time below, that one failing alone
     for t in progress(todo, "computing masks"):
         try:
-            m = source.masks_for(t, mask_bytes.get(t.name))
+            m = batched[t.name] if t.name in batched else source.masks_for(t, mask_bytes.get(t.name))
             if "gguf" in opts.formats and source.kind != "hf":
                 from .gguf_task import check_masks
 
@@ -808,31 +923,63 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
 
     Tasks whose lock another build holds are built last, after waiting for it (usually
     they are then up to date). A task with the masks of one already published in this
-    build hard-links its files. With ``jobs`` > 1 the ONNX specialisation of up to ``jobs``
-    tasks runs in worker processes; at most ``jobs`` tasks are in flight, so temporary disk
-    stays bounded by them.
+    build hard-links its files. The first task of each signature (channels kept per block)
+    is built by the graph passes, which store its graph and plan; every later one of that
+    signature is written from the plan (``shared_graphs``), in the executor's workers when
+    there are any (``--jobs``, ``--executor``). At most ``jobs`` tasks are in flight, so
+    temporary disk stays bounded by them.
     """
+    from concurrent.futures import Future
+
+    from .shared_graphs import PLANNED, PlanError, forget, load_plans, signature, write_from_plans
+
     digests = {name: mask_digest(m) for name, m in masks.items()}
     published: dict[str, str] = {}  # mask digest -> a task of this build that holds its files
     earlier = _published_index(out)  # tasks of earlier builds, whose files a twin may link
     infos: dict[str, dict] = {}
     bar = progress_bar(len(todo), "building tasks")
+    planned = [f for f in opts.formats if f in PLANNED] if opts.share_graphs else []
     pool = None
-    if opts.jobs > 1 and "onnx" in opts.formats and len(todo) > 1:
-        import multiprocessing as mp
+    if opts.executor != "local" or (len(todo) > 1 and planned and opts.jobs > 1):
+        from .executors import ExecutorError, make_executor
 
-        pool = ProcessPoolExecutor(max_workers=opts.jobs, mp_context=mp.get_context("spawn"))
+        try:
+            pool = make_executor(opts.executor, opts.jobs, opts.ray_address)
+        except ExecutorError as e:
+            raise BuildError(str(e)) from None
+    window = getattr(pool, "window", opts.jobs)  # tasks in flight
     in_flight: list = []
+    started: dict[str, float] = {}
+
+    def submit(fn, *args):
+        if pool is not None:
+            return pool.submit(fn, *args)
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
+        return future
 
     def finish(entry) -> None:
-        t, lock, tmp, future = entry
+        t, lock, tmp, future, written = entry
         try:
-            info = future.result() if future is not None else None
-            info = _assemble(out, source, base, t, tmp, masks[t.name], opts, info)
+            info = None
+            if future is not None:
+                try:
+                    info = future.result()
+                except PlanError:  # a stored graph changed or vanished: the passes build this task
+                    for fmt in written:
+                        forget(out, base, fmt, masks[t.name])
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir()
+                    info, written = None, ()
+            info = _assemble(out, source, base, t, tmp, masks[t.name], opts, info, written)
             infos[t.name] = info
             _publish(out, t, tmp, keys[t.name], digests[t.name], masks[t.name], info, base)
             published.setdefault(digests[t.name], t.name)
             report.built.append(t.name)
+            report.seconds[t.name] = time.perf_counter() - started[t.name]
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -849,6 +996,7 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
             report.skipped.append(t.name)
             bar.update(1)
             return
+        started[t.name] = time.perf_counter()
         tmp = task_tmp(out, t.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -875,12 +1023,15 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
                     owner_lock.release()
                 bar.update(1)
             return
-        future = None
-        if pool is not None:
-            future = pool.submit(_onnx_task, str(out / "base"), base["tensors"], base["files"][SHARED_BIN],
-                                 masks[t.name], str(tmp))
-        in_flight.append((t, lock, tmp, future))
-        while len(in_flight) >= opts.jobs or (in_flight and pool is None):
+        future, written = None, ()
+        plans = load_plans(out, base, planned, masks[t.name]) if planned else None
+        if plans is not None:  # a task of known widths: its weights by the plan, anywhere
+            future, written = submit(write_from_plans, str(out), base, plans, masks[t.name], str(tmp)), tuple(plans)
+        elif pool is not None and "onnx" in opts.formats:
+            future, written = pool.submit(_onnx_task, str(out / "base"), base["tensors"], base["files"][SHARED_BIN],
+                                          masks[t.name], str(tmp)), ("onnx",)
+        in_flight.append((t, lock, tmp, future, written))
+        while len(in_flight) >= window or (in_flight and pool is None):
             finish(in_flight.pop(0))
 
     def drain() -> None:
@@ -888,14 +1039,18 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
             finish(in_flight.pop(0))
 
     try:
-        # the first task of each mask first, so that the others can link its files
-        seen: set[str] = set()
-        firsts, rest = [], []
+        # the first task of each signature first (its graph and plan are what the others
+        # are written from), then the first of each mask, then the rest (they link its files)
+        seen, shapes = set(), set()
+        groups: tuple[list, list, list] = ([], [], [])
         for t in todo:
-            (rest if digests[t.name] in seen else firsts).append(t)
+            sig = json.dumps(signature(masks[t.name]))
+            group = 2 if digests[t.name] in seen else 1 if sig in shapes else 0
+            groups[group].append(t)
             seen.add(digests[t.name])
+            shapes.add(sig)
         deferred = []
-        for group in (firsts, rest):
+        for group in groups:
             for t in group:
                 lock = TaskLock(out, t.name)
                 if lock.try_acquire():
@@ -909,7 +1064,7 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
             start(t, lock)
         drain()
     except BaseException:
-        for t, lock, tmp, _ in in_flight:
+        for t, lock, tmp, *_ in in_flight:
             shutil.rmtree(tmp, ignore_errors=True)
             lock.release()
         raise
@@ -920,7 +1075,7 @@ def _build_tasks(out, source, base, todo, keys, masks, opts: _Options, report: B
 
 
 #: a task's inputs that name what it is, not what its files hold
-_IDENTITY = ("instruction", "keep", "predictor", "mask_file_sha256")
+_IDENTITY = ("instruction", "keep", "predictor", "predictor_sha256", "mask_file_sha256")
 
 
 def _published_index(out: Path) -> dict:
@@ -963,27 +1118,41 @@ def _reason(e: Exception) -> str:
     return str(e) if isinstance(e, IFPError) else f"{type(e).__name__}: {e}"
 
 
-def _assemble(out, source, base, t: Task, tmp: Path, masks, opts: _Options, info: dict | None) -> dict:
-    """Write task ``t``'s files into ``tmp`` in every format; returns what its manifest records."""
-    _write_mask(tmp, masks)
+def _assemble(out, source, base, t: Task, tmp: Path, masks, opts: _Options, info: dict | None,
+              written=()) -> dict:
+    """Write task ``t``'s files into ``tmp`` in every format but those ``written`` already
+    (``info`` holds what they record); returns what its manifest records. A format built
+    by the graph passes here stores its graph and plan for the next task of its widths."""
+    from .shared_graphs import pt2_plan, store
+
     formats = opts.formats
-    if "onnx" in formats and info is None:
+    if "onnx" in formats and "onnx" not in written:
         info = _onnx_task(str(out / "base"), base["tensors"], base["files"][SHARED_BIN], masks, str(tmp))
     info = dict(info or {})
+    _write_mask(tmp, masks)  # after the ONNX step, which starts from an empty directory
+    plan = info.pop("plan", None)
+    if plan is not None:
+        store(out, base, "onnx", masks, tmp, plan)
     as_tensors = None
-    if "pt2" in formats or "pte" in formats:
+    if ("pt2" in formats and "pt2" not in written) or "pte" in formats:
         import torch
 
         as_tensors = [torch.from_numpy(np.asarray(m)) for m in masks]
-    if "pt2" in formats:
-        from .passes import specialize
+    if "pt2" in formats and "pt2" not in written:
+        from .passes.specialize import specialize_with_slices
+        from .program_weights import own_parameters
 
         ep = source.programs()[0]
-        small = specialize(ep, mask=as_tensors)
-        pt2 = write_task_pt2(small, ep, tmp, out / "base", base["files"][BASE_SHARED], base["pt2_ffn_parameters"])
+        small, slices = specialize_with_slices(ep, as_tensors)
+        ffn = base["pt2_ffn_parameters"]
+        own = own_parameters(small, ep, not_shared=ffn)
+        pt2 = write_task_pt2(small, ep, tmp, out / "base", base["files"][BASE_SHARED], ffn, own=own)
         pt2["pt2_parameters"] = _count(small)
         info.setdefault("files", {}).update(pt2.pop("files"))
         info.update(pt2)
+        plan = pt2_plan(own, slices, set(ffn), info)
+        if plan is not None:
+            store(out, base, "pt2", masks, tmp, plan)
     if "gguf" in formats and source.kind == "hf":
         from .gguf_from_hf import write_hf_task_gguf
 

@@ -117,7 +117,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     report = build(args.model, args.tasks, args.out, keep=args.keep, formats=args.format.split(","),
                    jobs=args.jobs, only=args.only, dtype=args.dtype, gguf_down_type=args.gguf_down_type,
                    max_cache_len=args.max_cache_len, gguf_type=args.gguf_type, gguf_pre=args.gguf_pre,
-                   replace_base=args.replace_base)
+                   replace_base=args.replace_base, executor=args.executor, ray_address=args.ray_address,
+                   predictor=args.predictor)
     failed = f", {len(report.failed)} failed" if report.failed else ""
     print(f"{args.out}: built {len(report.built)} task(s) ({len(report.shared)} sharing another task's files), "
           f"{len(report.skipped)} up to date{failed}")
@@ -216,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--tasks", required=True, help="tasks.jsonl")
     bd.add_argument("--out", required=True, help="output directory")
     bd.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio for instruction tasks (default 0.5)")
+    bd.add_argument("--predictor", metavar="CKPT",
+                    help="a trained IFPredictor (a checkpoint directory of `ifp-compile train`, LLM frozen) picks "
+                    "instruction tasks' masks, computed in batches; its hash is recorded in each task's manifest and "
+                    "tasks are rebuilt when it changes (default: the prompt-activation predictor; --keep must be "
+                    "the one it was trained with)")
     bd.add_argument("--format", default="onnx",
                     help="comma-separated: onnx, pt2, gguf, pte (default onnx). gguf: from a GGUF model, each task's "
                     "GGUF for llama.cpp/ollama, cut from the source file (quantized tensors stay quantized). pte: "
@@ -235,7 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--gguf-pre", metavar="NAME",
                     help="with --gguf-type: llama.cpp's pre-tokenizer name (llama-bpe, qwen2, smollm, gpt-2, ...) when "
                     "it is not recognised from tokenizer.json")
-    bd.add_argument("--jobs", type=_positive_int, default=1, help="parallel worker processes (default 1)")
+    bd.add_argument("--jobs", type=_positive_int, default=1,
+                    help="tasks in flight: local worker processes (default 1); with --executor ray, default the "
+                    "cluster's CPUs")
+    bd.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="where tasks that need no model in memory run (tasks written from their widths' shared "
+                    "graph, and ONNX tasks): 'local' worker processes, or 'ray' tasks (the ray extra; OUT must be "
+                    "the same shared path on every node). Default local")
+    bd.add_argument("--ray-address", metavar="ADDR",
+                    help="with --executor ray: the cluster to join ('auto', or host:port); default a local Ray "
+                    "instance with --jobs CPUs")
     bd.add_argument("--only", metavar="NAME", help="build this one task (one task per invocation, for Make/Bazel; "
                     "many may run at once on one --out)")
     bd.add_argument("--replace-base", action="store_true",

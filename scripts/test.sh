@@ -3,7 +3,7 @@
 # IFP_HYPOTHESIS_PROFILE=thorough runs many more random programs per property.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-env.sh "test,onnx,hf,gguf,pte"
+bash scripts/setup-env.sh "test,onnx,hf,gguf,pte,ray"
 . .venv/bin/activate
 # two worker processes (pytest-xdist), one torch thread each: on 2 cores the suite's many
 # small single-threaded steps (export, tracing, Python passes) overlap instead of queueing.

@@ -70,6 +70,8 @@ class _OnnxFolder:
         self.graph = self.model.graph
         self.values = _values_by_name(self.graph)
         self.masks_removed: list[ir.Value] = []
+        # new initializer -> how it was cut from the base: (base name, axis, offsets, role, block)
+        self.slices: dict[str, tuple] = {}
 
     def _unique_value_name(self, name: str) -> str:
         base, i = name, 0
@@ -91,6 +93,7 @@ class _OnnxFolder:
         """Point the block's reader of ``p`` at a new initializer holding ``tensor``."""
         old = self.values[p.name]
         new = self._new_initializer(f"{p.name}_ifp_ffn{block.index}", tensor)
+        self.slices[new.name] = (p.name, p.axis, [int(o) for o in p.offsets], p.role, block.index)
         reader_value = self.values[p.reader]
         if reader_value is old:  # read directly by MatMul/Gemm/Add: rewire the block's uses
             block_outputs = set(block.widened) | {block.down_output} | set(block.region)
@@ -107,6 +110,8 @@ class _OnnxFolder:
                 )
             transpose.replace_input_with(0, new)
             reader_value.shape = ir.Shape(tuple(reversed(tuple(tensor.shape))))
+            if reader_value.type is None:  # the exporter gave it a shape only: a shape needs a type to be saved
+                reader_value.type = ir.TensorType(tensor.dtype)
 
     def _down_node(self, block: OnnxFFNBlock) -> ir.Node:
         down_param = next(p for p in block.params if p.role == "down")
@@ -265,19 +270,29 @@ def specialize_onnx(model, mask):
     one 1-D tensor (torch or numpy) per FFN block, in graph order. Masked exports lose
     their ``ffn_masks_*`` inputs; the caller's model is not modified.
     """
-    import torch
-
     proto_in = not isinstance(model, ir.Model)
-    ir_model = _as_ir(model)
-    blocks = find_onnx_ffn_blocks(ir_model)
-    if isinstance(mask, (list, tuple)):
-        mask = [torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m for m in mask]
-    masks = validate_masks(mask, blocks)
-    folder = _OnnxFolder(ir_model)
-    for block, m in zip(blocks, masks):
-        folder.fold(block, m.numpy())
-    out = folder.finish()
+    out, _ = specialize_onnx_with_slices(_as_ir(model), mask)
     return ir.to_proto(out) if proto_in else out
 
 
-__all__ = ["specialize_onnx"]
+def specialize_onnx_with_slices(model: ir.Model, mask) -> tuple[ir.Model, dict[str, tuple]]:
+    """``specialize_onnx`` of an ``onnx_ir.Model``, and how each new weight was cut from the
+    base: ``{initializer: (base initializer, axis, offsets, role, block index)}``.
+
+    The second part is what lets a build write the next task of the same widths without
+    running this pass (``shared_graphs``): its graph is the same, only these slices differ.
+    """
+    import torch
+
+    blocks = find_onnx_ffn_blocks(model)
+    if isinstance(mask, (list, tuple)):
+        mask = [torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m for m in mask]
+    masks = validate_masks(mask, blocks)
+    folder = _OnnxFolder(model)
+    for block, m in zip(blocks, masks):
+        folder.fold(block, m.numpy())
+    out = folder.finish()
+    return out, {name: s for name, s in folder.slices.items() if name in out.graph.initializers}
+
+
+__all__ = ["specialize_onnx", "specialize_onnx_with_slices"]

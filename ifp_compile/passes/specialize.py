@@ -164,6 +164,8 @@ class _Folder:
         self.branch = {n.name for n in mask_branch(program)}  # deleted wholesale at the end
         self.fake_mode = fake_mode_of(self.graph)
         self._resized: dict[tuple, torch.Tensor] = {}
+        # parameter -> how it was cut from the source's: (source key, axis, offsets, role, block)
+        self.slices: dict[str, tuple] = {}
 
     def _fake(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``meta["val"]`` for a new parameter ``t`` that replaces one whose value was ``like``.
@@ -218,6 +220,7 @@ class _Folder:
             if (scale is None or ps.role != scaled_role) and idx.numel() == source.shape[ps.axis] and bool(
                     (idx == torch.arange(idx.numel())).all()):
                 continue  # everything kept, unscaled: the source's tensor, shared, not a copy
+            source_key = spec.target
             if ps.key in block.shared_params:
                 ph = self._private_placeholder(block, ph, ps.key, owners)
                 spec = self.specs[ph.name]
@@ -226,6 +229,8 @@ class _Folder:
                 folded = torch.cat([folded.repeat_interleave(size) for _, size in ps.segments])
             sliced = take(source, ps.axis, idx, folded)
             self._set_tensor(spec.target, spec, sliced)
+            if isinstance(ps, ParamSlice):
+                self.slices[spec.target] = (source_key, ps.axis, [int(o) for o in ps.offsets], ps.role, block.index)
             ph.meta["val"] = self._fake(sliced, ph.meta["val"])
 
     def _drop_mask_node(self, block) -> None:
@@ -413,4 +418,19 @@ def specialize(
     return folder.finish()
 
 
-__all__ = ["specialize", "predict_masks", "MaskError"]
+def specialize_with_slices(program: ExportedProgram, mask) -> tuple[ExportedProgram, dict[str, tuple]]:
+    """``specialize(program, mask=mask)``, and how each parameter it cut was computed:
+    ``{state_dict key: (source key, axis, offsets, role, block index)}``.
+
+    The second part is what lets a build write the next task of the same widths without
+    running this pass (``shared_graphs``): the graph is the same, only these slices differ.
+    """
+    blocks = find_ffn_blocks(program)
+    masks = validate_masks(mask, blocks)
+    folder = _Folder(program)
+    for block, m in zip(blocks, masks):
+        folder.fold(block, m)
+    return folder.finish(), dict(folder.slices)
+
+
+__all__ = ["specialize", "specialize_with_slices", "predict_masks", "MaskError"]

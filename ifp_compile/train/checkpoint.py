@@ -104,6 +104,12 @@ def load_into(params: dict[str, torch.Tensor], path: Path, what: str) -> None:
             p.copy_(loaded[name].to(p.dtype))
 
 
+def sha256_of(path: Path) -> str:
+    from ..artifacts import sha256_file
+
+    return sha256_file(path)
+
+
 def read_state(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "state.json"
     if not path.is_file():

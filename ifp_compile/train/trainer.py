@@ -388,6 +388,64 @@ def _save(s: Setup, optimizer, step: int, losses: list[float], ck: Path, world: 
         dist.barrier()
 
 
+def load_predictor(checkpoint, widths: list[int] | None = None):
+    """``(predictor, tokenizer, sha256)`` of a training checkpoint, for computing masks only:
+    its model is loaded (the encoder may be the LLM's own first layers) but not exported.
+
+    ``widths``: the FFN widths of the model the masks are for; a checkpoint trained for
+    other widths is refused. A checkpoint whose LLM was trained too (``llm.safetensors``)
+    is refused: its masks were learnt for the trained weights, which a build of the base
+    model would not have. ``sha256`` identifies the predictor (its parameters, its shape
+    and its training config): a build records it and rebuilds tasks when it changes.
+    """
+    ck = Path(checkpoint)
+    if not ck.is_dir():
+        raise TrainError(f"predictor checkpoint {ck} is not a directory (give the checkpoint directory "
+                         "`ifp-compile train` wrote)")
+    state = ckpt.read_state(ck)
+    if (ck / "llm.safetensors").is_file():
+        raise TrainError(f"predictor checkpoint {ck} was trained together with its LLM (llm.safetensors): its masks "
+                         "are for the trained LLM's weights, not the base model's; build from a checkpoint of a "
+                         "predictor trained with the LLM frozen")
+    from .config import config_from_dict
+
+    cfg = config_from_dict(state["config"], where=f"{ck}/state.json")
+    shape = state.get("predictor") or {}
+    trained_widths = shape.get("widths")
+    if widths is not None and trained_widths is not None and list(trained_widths) != list(widths):
+        raise TrainError(f"predictor checkpoint {ck} was trained for FFN widths {trained_widths[:4]}... "
+                         f"({len(trained_widths)} blocks), the model has {widths[:4]}... ({len(widths)} blocks): "
+                         "a predictor of another model?")
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, dtype=cfg.dtype)
+    if trained_widths is None:
+        raise TrainError(f"{ck}/state.json does not record the predictor's widths (a checkpoint of an older version?)")
+    predictor = make_predictor(model, list(trained_widths), cfg)
+    shared = {id(p) for p in model.parameters()}
+    own = {n: p for n, p in predictor.named_parameters() if id(p) not in shared}
+    ckpt.load_into(own, ck / "predictor.safetensors", "predictor")
+    predictor.eval()
+    return predictor, tok, predictor_sha256(ck)
+
+
+def predictor_sha256(checkpoint) -> str:
+    """What identifies a trained predictor: its parameters, its shape and its training
+    config (not its loss log or optimizer state), read from the files alone."""
+    import hashlib
+    import json
+
+    ck = Path(checkpoint)
+    if not ck.is_dir():
+        raise TrainError(f"predictor checkpoint {ck} is not a directory (give the checkpoint directory "
+                         "`ifp-compile train` wrote)")
+    state = ckpt.read_state(ck)
+    if not (ck / "predictor.safetensors").is_file():
+        raise TrainError(f"predictor checkpoint {ck} has no predictor.safetensors")
+    h = hashlib.sha256()
+    h.update(ckpt.sha256_of(ck / "predictor.safetensors").encode())
+    h.update(json.dumps({"config": state["config"], "predictor": state.get("predictor")}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def load_trained(checkpoint, setup_: Setup) -> IFPredictor:
     """Load a checkpoint's predictor (and LLM weights, if trained) into a fresh setup."""
     ck = Path(checkpoint)

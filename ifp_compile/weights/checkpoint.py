@@ -164,3 +164,38 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.directory)!r}, {len(self.tensors)} tensors)"
+
+
+class TensorFile(Checkpoint):
+    """The tensors of one safetensors file (a build's ``base/ffn.safetensors``), read on
+    demand like a checkpoint's; names stored once under another name
+    (``ifp_compile.aliases``, see ``weights.writer``) resolve to that tensor."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.directory = path.parent
+        header, start = read_header(path)
+        size = path.stat().st_size
+        self.tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                begin, end = entry["data_offsets"]
+                info = TensorInfo(name, path, DTYPES[entry["dtype"]], tuple(int(s) for s in entry["shape"]),
+                                  start + begin, end - begin)
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {entry}") from None
+            if info.offset + info.nbytes > size:
+                raise CheckpointError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+            self.tensors[name] = info
+        from .writer import ALIASES_KEY
+
+        aliases = json.loads((header.get("__metadata__") or {}).get(ALIASES_KEY, "{}"))
+        for name, target in aliases.items():
+            if target not in self.tensors:
+                raise CheckpointError(f"{path}: alias {name} points at {target}, which the file does not hold")
+            self.tensors[name] = self.tensors[target]
+
+    def __repr__(self) -> str:
+        return f"TensorFile({str(self.tensors and next(iter(self.tensors.values())).file)!r})"
