@@ -183,6 +183,21 @@ def test_eval_report_tables_show_the_data(tmp_path):
     assert per_task[2:] == ["94,701,889", "70.4%", "2.457", "\u2013", "\u2013"]
     assert ["per-task: prompt activation", "+42.0%"] in cells  # gap closed
     assert "SmolLM2-135M-Instruct" in html and "first third" not in html  # two layers: no thirds sentence
+    assert "95% intervals" not in html  # an eval.json without intervals (older): no such section
+
+
+def test_eval_report_draws_the_intervals(tmp_path):
+    ev = dict(EVAL, intervals=[
+        {"row": "per-task: prompt activation", "baseline": "static mask (Adapt-Pruner)", "domain": "a",
+         "mean": -0.25, "low": -0.4, "high": -0.1, "n": 100, "level": 0.95, "excludes_zero": True},
+        {"row": "per-task: prompt activation", "baseline": "static mask (Adapt-Pruner)", "domain": "b",
+         "mean": 0.05, "low": -0.02, "high": 0.12, "n": 100, "level": 0.95, "excludes_zero": False}])
+    html = write_report(write_eval(tmp_path / "ev", ev=ev)).read_text()
+    assert_self_contained(html, 4)  # the three figures and the intervals
+    cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)]
+    assert ["per-task: prompt activation", "a", "-0.2500", "[-0.4000, -0.1000] *", "100"] in cells
+    assert ["per-task: prompt activation", "b", "+0.0500", "[-0.0200, +0.1200]", "100"] in cells
+    assert "Against static mask (Adapt-Pruner), with 95% intervals" in html
 
 
 def test_speed_json_is_rendered_generically(tmp_path):

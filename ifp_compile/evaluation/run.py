@@ -34,6 +34,8 @@ class Row:
     math_accuracy: float | None = None
     #: domain -> per layer uint8 [n_examples, width] (1 = kept); None for dense
     masks: dict[str, list[np.ndarray]] | None = None
+    #: domain -> the loss of each held-out segment (``loss[domain]`` is their mean)
+    segment_losses: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,6 +75,27 @@ class EvalResult:
                             "gap_closed": None if abs(gap) < 1e-12 else (r.math_accuracy - static.math_accuracy) / gap})
         return out
 
+    def intervals(self, baseline: str = "static") -> list[dict]:
+        """Every other row against the ``baseline`` row, per domain: the mean per-segment loss
+        difference (row - baseline; negative: the row is better) and its paired bootstrap 95%
+        interval (``bootstrap``). Empty when the baseline row or segment losses are missing."""
+        from .bootstrap import paired_bootstrap
+
+        base = self.row(baseline)
+        if base is None or not base.segment_losses:
+            return []
+        out = []
+        for r in self.rows:
+            if r is base:
+                continue
+            for d in self.domains:
+                a, b = r.segment_losses.get(d), base.segment_losses.get(d)
+                if a is None or b is None or len(a) < 2:
+                    continue
+                out.append({"row": r.name, "baseline": base.name, "domain": d,
+                            **paired_bootstrap(a, b).to_json()})
+        return out
+
     def to_json(self) -> dict:
         from .. import __version__
 
@@ -80,8 +103,9 @@ class EvalResult:
             "tool_version": __version__, "model": self.model, "keep": self.keep, "domains": list(self.domains),
             "segments_per_domain": self.segments, "math_problems": self.problems,
             "rows": [{"name": r.name, "kind": r.kind, "parameters": r.parameters, "loss": r.loss,
-                      "math_accuracy": r.math_accuracy} for r in self.rows],
+                      "math_accuracy": r.math_accuracy, "segment_losses": r.segment_losses} for r in self.rows],
             "summary": self.summary(),
+            "intervals": self.intervals(),
         }
 
     def mask_tensors(self) -> dict[str, np.ndarray]:
@@ -109,6 +133,15 @@ class EvalResult:
                 label = s["domain"] + (" EM" if s["metric"] == "exact match" else "")
                 by_row.setdefault(s["row"], []).append(f"{label} {g}")
             lines += [f"  {name:<42}" + ", ".join(items) for name, items in by_row.items()]
+        intervals = self.intervals()
+        if intervals:
+            lines += ["", "loss - static loss per segment: mean [95% paired bootstrap interval] (* excludes 0):"]
+            by_row = {}
+            for iv in intervals:
+                star = "*" if iv["excludes_zero"] else " "
+                by_row.setdefault(iv["row"], []).append(
+                    f"{iv['domain']} {iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]{star}")
+            lines += [f"  {name:<42}" + "  ".join(items) for name, items in by_row.items()]
         return "\n".join(lines)
 
 
@@ -163,21 +196,22 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
     for d in domains:
         with status(f"reading held-out {d} segments"):
             examples = tasks.loss_examples(tokenizer, d, segments)
-        totals = [0.0] * len(rows)
+        losses: list[list[float]] = [[] for _ in rows]
         bits: list[list[list[np.ndarray]]] = [[] for _ in sources]
         for ex in progress(examples, f"loss on {d} ({len(rows)} rows x {len(examples)} segments)"):
             ids, prompt = torch.tensor([ex.input_ids]), torch.tensor([ex.predictor_ids])
             with torch.no_grad():
-                totals[0] += float(example_loss(lm_of(None)(ids, ones), ex))
+                losses[0].append(float(example_loss(lm_of(None)(ids, ones), ex)))
                 for j, src in enumerate(sources):
                     m = src.masks_for(prompt)
-                    totals[j + 1] += float(example_loss(lm_of(src)(ids, m), ex))
+                    losses[j + 1].append(float(example_loss(lm_of(src)(ids, m), ex)))
                     if not bits[j] or src.per_task:
                         bits[j].append(_mask_bits(m))
                         if rows[j + 1].parameters == 0:
                             rows[j + 1].parameters = kept_parameters(src.program or program, blocks, m)
-        for r, t in zip(rows, totals):
-            r.loss[d] = t / len(examples)
+        for r, per_segment in zip(rows, losses):
+            r.segment_losses[d] = per_segment
+            r.loss[d] = sum(per_segment) / len(per_segment)
         for j in range(len(sources)):
             rows[j + 1].masks[d] = [np.stack(layer) for layer in zip(*bits[j])]
     if problems:

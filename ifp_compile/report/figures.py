@@ -149,3 +149,34 @@ def overlap_lines_png(overlaps: list[Overlap]) -> bytes:
         ax.grid(True, alpha=0.3)
         fig.legend(loc="outside right upper", frameon=False)
         return _png(fig)
+
+
+def intervals_png(intervals: list[dict]) -> bytes:
+    """One horizontal bar per (row, domain): mean loss difference against the baseline row
+    with its 95% paired bootstrap interval; left of 0 = better than the baseline."""
+    rows = list(dict.fromkeys(str(iv["row"]) for iv in intervals))
+    domains = list(dict.fromkeys(str(iv["domain"]) for iv in intervals))
+    by = {(str(iv["row"]), str(iv["domain"])): iv for iv in intervals}
+    height = 0.8 / max(len(rows), 1)
+    with _figure(8.5, 1.2 + 0.45 * len(domains) * max(len(rows), 1) ** 0.5) as fig:
+        ax = fig.add_subplot()
+        for j, row in enumerate(rows):
+            ys, means, errs = [], [], []
+            for i, d in enumerate(domains):
+                iv = by.get((row, d))
+                if iv is None:
+                    continue
+                ys.append(i + (j - (len(rows) - 1) / 2) * height)
+                means.append(iv["mean"])
+                errs.append([iv["mean"] - iv["low"], iv["high"] - iv["mean"]])
+            if ys:
+                ax.errorbar(means, ys, xerr=np.array(errs).T, fmt="o", capsize=3, color=_colour(j, len(rows)),
+                            label=_short(row))
+        ax.axvline(0.0, color="black", linewidth=1)
+        ax.set_yticks(range(len(domains)), domains)
+        ax.invert_yaxis()
+        base = str(intervals[0].get("baseline", "baseline")) if intervals else "baseline"
+        ax.set_xlabel(f"loss - {base} loss per held-out segment (mean, 95% paired bootstrap interval)")
+        ax.legend(loc="best", fontsize="small")
+        return _png(fig)
+

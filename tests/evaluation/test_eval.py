@@ -110,12 +110,32 @@ def test_math_accuracy_equals_cache_free_decoding_of_the_programs(tiny):
         assert row.math_accuracy == right / 2
 
 
+def test_segment_losses_and_intervals_against_the_static_row(tiny):
+    from ifp_compile.evaluation.bootstrap import paired_bootstrap
+
+    result = tiny[3]
+    for r in result.rows:
+        for d in result.domains:
+            assert len(r.segment_losses[d]) == 2 and np.mean(r.segment_losses[d]) == pytest.approx(r.loss[d], rel=1e-12)
+    intervals = result.intervals()
+    assert {(iv["row"], iv["domain"]) for iv in intervals} == {
+        (r.name, d) for r in result.rows if r.kind != "static" for d in result.domains}
+    static = result.row("static")
+    for iv in intervals:
+        row = next(r for r in result.rows if r.name == iv["row"])
+        expect = paired_bootstrap(row.segment_losses[iv["domain"]], static.segment_losses[iv["domain"]])
+        assert iv["mean"] == pytest.approx(row.loss[iv["domain"]] - static.loss[iv["domain"]], abs=1e-9)
+        assert (iv["low"], iv["high"]) == (expect.low, expect.high) and iv["low"] <= iv["mean"] <= iv["high"]
+    assert "95% paired bootstrap interval" in result.table()
+
+
 def test_outputs_for_the_report(tiny):
     result = tiny[3]
     data = result.to_json()
     assert [r["kind"] for r in data["rows"]] == ["dense", "static", "prompt-activation", "random"]
     keys = result.mask_tensors()
     assert "prompt-activation/math/ffn.1" in keys and keys["static/code/ffn.0"].dtype == np.uint8
+    assert data["intervals"] == result.intervals() and data["rows"][1]["segment_losses"] == result.rows[1].segment_losses
     json.dumps(data)  # plain JSON, no tensors
 
 
