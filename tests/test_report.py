@@ -200,6 +200,15 @@ def test_eval_report_draws_the_intervals(tmp_path):
     assert "Against static mask (Adapt-Pruner), with 95% intervals" in html
 
 
+def test_eval_report_shows_the_swap_matrix(tmp_path):
+    ev = dict(EVAL, swap={"per-task: prompt activation": {"a": {"a": 2.4, "b": 2.6}, "b": {"a": 3.1, "b": 3.3}}},
+              swap_diagonal_wins={"per-task: prompt activation": {"a": True, "b": False}})
+    html = write_report(write_eval(tmp_path / "ev", ev=ev)).read_text()
+    cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)]
+    assert ["segments of", "a masks", "b masks", "own masks win"] in cells
+    assert ["a", "2.400", "2.600", "yes"] in cells and ["b", "3.100", "3.300", "no"] in cells
+
+
 def test_speed_json_is_rendered_generically(tmp_path):
     d = write_eval(tmp_path / "ev")
     speed = {"model": "m", "ideal_ratio": 1.42,

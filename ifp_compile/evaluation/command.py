@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-chunks", type=_positive_int, default=6,
                    help="256-token chunks of training text for the static mask (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-mask row (default 0)")
+    p.add_argument("--swap", action="store_true",
+                   help="also the task-swap matrix of every per-task row: each domain's segments with the masks "
+                   "chosen for every other domain's (the diagonal should win if the input matters)")
     p.add_argument("--out", help="also write DIR/eval.json and DIR/masks.safetensors (for ifp-compile report)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="'bytes' for test models without tokenizer files")
@@ -93,7 +96,7 @@ def eval_main(args: argparse.Namespace) -> int:
         sources.append(_predictor_source(args.predictor, widths, counts))
     sources.append(random_source(widths, counts, args.seed))
     result = run_eval(model, tok, program, sources, model_name=args.model, keep=args.keep, segments=args.segments,
-                      problems=args.problems, max_new_tokens=args.max_new_tokens)
+                      problems=args.problems, max_new_tokens=args.max_new_tokens, swap=args.swap)
     print(f"{args.model}: keep {args.keep} of FFN channels; held-out loss on tokens 64-256 of {args.segments} "
           f"segments per domain (per-task masks read tokens 0-64); math: exact match of the final number over "
           f"{args.problems} held-out problems, answered with the chat template")

@@ -47,6 +47,13 @@ class EvalResult:
     problems: int
     seconds: float = 0.0
     domains: tuple[str, ...] = DOMAINS
+    #: row name -> {evaluated domain: {domain whose masks were used: mean loss}} (``swap=True``)
+    swap: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+    def swap_wins(self) -> dict[str, dict[str, bool]]:
+        """Per swapped row and domain: does the domain's own mask give a lower loss than every
+        other domain's? If the input conditions the mask usefully, the diagonal wins."""
+        return {row: {d: all(m[d][d] < m[d][e] for e in m[d] if e != d) for d in m} for row, m in self.swap.items()}
 
     def row(self, kind: str) -> Row | None:
         return next((r for r in self.rows if r.kind == kind), None)
@@ -106,6 +113,8 @@ class EvalResult:
                       "math_accuracy": r.math_accuracy, "segment_losses": r.segment_losses} for r in self.rows],
             "summary": self.summary(),
             "intervals": self.intervals(),
+            "swap": self.swap,
+            "swap_diagonal_wins": self.swap_wins(),
         }
 
     def mask_tensors(self) -> dict[str, np.ndarray]:
@@ -142,6 +151,14 @@ class EvalResult:
                 by_row.setdefault(iv["row"], []).append(
                     f"{iv['domain']} {iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]{star}")
             lines += [f"  {name:<42}" + "  ".join(items) for name, items in by_row.items()]
+        wins = self.swap_wins()
+        for name, m in self.swap.items():
+            doms = list(m)
+            lines += ["", f"task swap, {name}: loss on each domain (rows) with each domain's masks (columns); "
+                      "* = the domain's own masks win"]
+            lines.append(f"  {'':<10}" + "".join(f"{e + ' masks':>14}" for e in doms))
+            for d in doms:
+                lines.append(f"  {d:<10}" + "".join(f"{m[d][e]:>14.3f}" for e in doms) + ("  *" if wins[name][d] else ""))
         return "\n".join(lines)
 
 
@@ -174,8 +191,13 @@ def _generate(module, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
 
 
 def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name: str, keep: float,
-             segments: int = 12, problems: int = 20, max_new_tokens: int = 64, domains=DOMAINS) -> EvalResult:
-    """Dense plus every ``sources`` row on the same held-out examples and problems."""
+             segments: int = 12, problems: int = 20, max_new_tokens: int = 64, domains=DOMAINS,
+             swap: bool = False) -> EvalResult:
+    """Dense plus every ``sources`` row on the same held-out examples and problems.
+
+    ``swap``: also, for every per-task row, the loss of each domain's segments with the masks
+    the row chose for another domain's segments (segment ``i`` with the masks of that
+    domain's segment ``i``): the task-swap matrix, whose diagonal is the row's own losses."""
     from ..eager import to_module
     from ..passes import find_ffn_blocks, insert_masks
     from ..stats import count_parameters, kept_parameters
@@ -193,9 +215,11 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
 
     rows = [Row("dense", "dense", count_parameters(program))]
     rows += [Row(s.name, s.kind, 0, masks={}) for s in sources]
+    chosen: dict[tuple[int, str], list] = {}  # (source, domain) -> masks per segment, for the swap
+    held_out: dict[str, list] = {}
     for d in domains:
         with status(f"reading held-out {d} segments"):
-            examples = tasks.loss_examples(tokenizer, d, segments)
+            examples = held_out[d] = tasks.loss_examples(tokenizer, d, segments)
         losses: list[list[float]] = [[] for _ in rows]
         bits: list[list[list[np.ndarray]]] = [[] for _ in sources]
         for ex in progress(examples, f"loss on {d} ({len(rows)} rows x {len(examples)} segments)"):
@@ -205,6 +229,8 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
                 for j, src in enumerate(sources):
                     m = src.masks_for(prompt)
                     losses[j + 1].append(float(example_loss(lm_of(src)(ids, m), ex)))
+                    if swap and src.per_task:
+                        chosen.setdefault((j, d), []).append(m)
                     if not bits[j] or src.per_task:
                         bits[j].append(_mask_bits(m))
                         if rows[j + 1].parameters == 0:
@@ -214,6 +240,21 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
             r.loss[d] = sum(per_segment) / len(per_segment)
         for j in range(len(sources)):
             rows[j + 1].masks[d] = [np.stack(layer) for layer in zip(*bits[j])]
+    swapped: dict[str, dict[str, dict[str, float]]] = {}
+    for j, src in enumerate(sources):
+        if not (swap and src.per_task):
+            continue
+        matrix = swapped[src.name] = {d: {} for d in domains}
+        for d in domains:
+            for e in domains:
+                if e == d:
+                    matrix[d][e] = rows[j + 1].loss[d]
+                    continue
+                total = 0.0
+                for ex, m in progress(list(zip(held_out[d], chosen[(j, e)])), f"task swap: {d} with {e}'s masks"):
+                    with torch.no_grad():
+                        total += float(example_loss(lm_of(src)(torch.tensor([ex.input_ids]), m), ex))
+                matrix[d][e] = total / len(held_out[d])
     if problems:
         qs = tasks.math_problems(problems)
         right = [0] * len(rows)
@@ -230,4 +271,5 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
                 right[j + 1] += tasks.is_correct(_generate(small, tokenizer, ids, max_new_tokens), answer)
         for r, k in zip(rows, right):
             r.math_accuracy = k / len(qs)
-    return EvalResult(model_name, keep, rows, segments, problems, time.perf_counter() - start, tuple(domains))
+    return EvalResult(model_name, keep, rows, segments, problems, time.perf_counter() - start, tuple(domains),
+                      swapped)

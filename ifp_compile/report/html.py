@@ -244,6 +244,23 @@ def _quality_eval(data: ReportData) -> str:
                         [[str(iv["row"]), str(iv["domain"]), f"{iv['mean']:+.4f}",
                           f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" + (" *" if iv.get("excludes_zero") else ""),
                           fmt(iv.get("n"))] for iv in intervals], [False, False, True, False, True])]
+    swap = ev.get("swap") or {}
+    wins = ev.get("swap_diagonal_wins") or {}
+    for name, matrix in swap.items():
+        if not isinstance(matrix, dict) or not matrix:
+            continue
+        doms = list(matrix)
+        rows_ = []
+        for d in doms:
+            cells = matrix.get(d) or {}
+            rows_.append([str(d)] + [fmt(float(cells[e]), 3) if _numeric(cells.get(e)) else "\u2013" for e in doms]
+                         + ["yes" if (wins.get(name) or {}).get(d) else "no"])
+        parts += [f"<h3>Task swap: {escape(str(name))}</h3>",
+                  para("Loss on each domain's held-out segments (rows) with the masks this row chose for each "
+                       "domain's segments (columns). If the input conditions the mask usefully, each row's own "
+                       "domain (the diagonal) gives the lowest loss.", "note"),
+                  table(["segments of"] + [f"{e} masks" for e in doms] + ["own masks win"], rows_,
+                        [False] + [True] * len(doms) + [False])]
     return "\n".join(parts)
 
 

@@ -63,7 +63,7 @@ def tiny():
     sources = [static_source(program, calibration(tok, 3), 0.5, "adapt", "taylor"),
                prompt_activation_source(program, counts), random_source(widths, counts)]
     result = run_eval(model, tok, program, sources, model_name="tiny", keep=0.5, segments=2, problems=2,
-                      max_new_tokens=4)
+                      max_new_tokens=4, swap=True)
     return model, tok, program, result
 
 
@@ -127,6 +127,28 @@ def test_segment_losses_and_intervals_against_the_static_row(tiny):
         assert iv["mean"] == pytest.approx(row.loss[iv["domain"]] - static.loss[iv["domain"]], abs=1e-9)
         assert (iv["low"], iv["high"]) == (expect.low, expect.high) and iv["low"] <= iv["mean"] <= iv["high"]
     assert "95% paired bootstrap interval" in result.table()
+
+
+def test_task_swap_matrix_recomputed_from_the_stored_masks(tiny):
+    """Domain d's segment i scored with the masks chosen for domain e's segment i."""
+    _, tok, program, result = tiny
+    assert sorted(result.swap) == ["per-task: prompt activation (GRIFFIN)", "random mask"]  # per-task rows only
+    for name, matrix in result.swap.items():
+        row = next(r for r in result.rows if r.name == name)
+        assert list(matrix) == list(result.domains)
+        for d in result.domains:
+            assert matrix[d][d] == row.loss[d]
+        d, e = "code", "math"
+        losses = []
+        for i, ex in enumerate(tasks.loss_examples(tok, d, 2)):
+            mask = [torch.from_numpy(m[i]).float() for m in row.masks[e]]
+            with torch.no_grad():
+                logits = ifp.specialize(program, mask=mask).module()(torch.tensor([ex.input_ids]))
+            losses.append(float(example_loss(logits, ex)))
+        assert matrix[d][e] == pytest.approx(np.mean(losses), rel=1e-4), name
+        wins = result.swap_wins()[name]
+        assert wins == {x: all(matrix[x][x] < matrix[x][y] for y in result.domains if y != x) for x in result.domains}
+    assert "task swap, random mask" in result.table()
 
 
 def test_outputs_for_the_report(tiny):
