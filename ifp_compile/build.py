@@ -1242,7 +1242,12 @@ def _write_index(out: Path) -> None:
 
 def _index_add(out: Path, name: str) -> None:
     """Add one just-published task to ``index.json``: a build killed later still leaves an
-    index of what it finished, and later tasks with the same masks find it to link."""
+    index of what it finished, and later tasks with the same masks find it to link.
+
+    A kill between a task's rename and this update leaves that one task published but not
+    listed; the next publication in the directory (any build, ``--only`` too) adds every
+    such task (one directory listing, manifests read only for those), so the index heals
+    without a full rescan."""
     with shared_state_lock(out):
         try:
             index = json.loads((out / "index.json").read_text())
@@ -1250,6 +1255,12 @@ def _index_add(out: Path, name: str) -> None:
             index = {"tool_version": __version__, "tasks": {}}
         tasks = index.get("tasks", {})
         tasks[name] = _index_entry(name, json.loads((out / "tasks" / name / "manifest.json").read_text()))
+        for d in (out / "tasks").iterdir():  # published by a build killed before it listed them
+            if d.name not in tasks and not d.name.startswith(".") and (d / "manifest.json").is_file():
+                try:
+                    tasks[d.name] = _index_entry(d.name, json.loads((d / "manifest.json").read_text()))
+                except (OSError, ValueError, KeyError):
+                    pass  # not a task of ours: verify names it
         index.update(tool_version=__version__, tasks=dict(sorted(tasks.items())))
         atomic_write(out / "index.json", dump_json(index))
 

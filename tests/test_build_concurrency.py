@@ -103,7 +103,15 @@ def test_a_killed_build_keeps_finished_tasks_and_the_next_resumes(project, tmp_p
         from ifp_compile.artifacts import verify_artifact
 
         verify_artifact(out / "tasks" / name)
-    assert sorted(json.loads((out / "index.json").read_text())["tasks"]) == done
+    # the index lists them all, but for the one task a kill may catch between its rename and
+    # the index update (the next publication lists it: below)
+    listed = sorted(json.loads((out / "index.json").read_text())["tasks"])
+    assert set(listed) <= set(done) and len(done) - len(listed) <= 1, (listed, done)
+    if len(listed) < len(done):  # an --only build of another task heals the index
+        other = next(n for n in NAMES if n not in done)
+        build(str(d / "model.pt2"), d / "tasks.jsonl", out, only=other)
+        assert sorted(json.loads((out / "index.json").read_text())["tasks"]) == sorted(done + [other])
+        done = sorted(done + [other])
     report = build(str(d / "model.pt2"), d / "tasks.jsonl", out)
     assert sorted(report.skipped) == done and sorted(report.built + report.skipped) == NAMES
     # a task whose mask a finished task has links that task's files (t3 has t0's mask, ...)
@@ -111,6 +119,21 @@ def test_a_killed_build_keeps_finished_tasks_and_the_next_resumes(project, tmp_p
     assert not list(out.glob(".tmp-*")) and verify(out) == NAMES
     assert {p.name: p.read_bytes() for p in sorted((out / "tasks").rglob("*")) if p.is_file()} == \
         {p.name: p.read_bytes() for p in sorted((built / "tasks").rglob("*")) if p.is_file()}
+
+
+def test_an_index_missing_a_published_task_heals_on_the_next_publication(project, tmp_path):
+    """What a kill between a task's rename and the index update leaves: a published task the
+    index does not list. The next publication (an --only build of another task) lists it."""
+    d, built = project
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    index = json.loads((out / "index.json").read_text())
+    del index["tasks"][NAMES[1]], index["tasks"][NAMES[2]]
+    (out / "index.json").write_text(json.dumps(index))
+    shutil.rmtree(out / "tasks" / NAMES[2])
+    assert build(str(d / "model.pt2"), d / "tasks.jsonl", out, only=NAMES[2]).built == [NAMES[2]]
+    assert sorted(json.loads((out / "index.json").read_text())["tasks"]) == NAMES
+    assert verify(out) == NAMES
 
 
 def test_make_j4_builds_every_task_once_into_one_directory(project, tmp_path):
