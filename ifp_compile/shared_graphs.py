@@ -62,12 +62,7 @@ def signature(masks) -> list[list[int]]:
     """Per block ``[channels kept, 1 if the kept values are not all 1]``: what the graph of a
     specialised program depends on (the second part: a block kept whole and unscaled shares
     its weights instead of carrying a copy)."""
-    rows = []
-    for m in masks:
-        m = np.asarray(m, dtype=np.float32)
-        keep = np.flatnonzero(m)
-        rows.append([int(keep.size), int(keep.size > 0 and not bool(np.all(m[keep] == 1)))])
-    return rows
+    return [[int(keep.size), int(scale is not None)] for keep, scale in _cuts(masks)]
 
 
 def plan_path(out: Path, base: dict, fmt: str, sig) -> Path:
@@ -173,14 +168,11 @@ def pt2_plan(own: dict, slices: dict, ffn_names, info: dict) -> dict | None:
 # a task from plans: runs in the build process, a worker process or a Ray task
 # --------------------------------------------------------------------------------------
 def _cuts(masks):
-    """Per block: (kept channel indices, the values to fold into W_down or None)."""
-    out = []
-    for m in masks:
-        m = np.asarray(m, dtype=np.float32)
-        keep = np.flatnonzero(m)
-        scale = m[keep].astype(np.float32)
-        out.append((keep, None if bool(np.all(scale == 1)) else scale))
-    return out
+    """Per block: (kept channel indices, the values to fold into W_down or None), as the
+    ONNX pass cuts them (``slicing.kept_channels``)."""
+    from .slicing import kept_channels
+
+    return [kept_channels(m) for m in masks]
 
 
 def _link_graph(out: Path, fmt: str, plan: dict, task_dir: Path) -> str:

@@ -59,3 +59,19 @@ def take_array(array, axis: int, index, scale=None):
     compute = np.float64 if out.dtype == np.float64 else np.float32
     folded = out.astype(compute) * np.asarray(scale, dtype=compute).reshape(shape)
     return np.ascontiguousarray(folded.astype(out.dtype))
+
+
+def kept_channels(mask):
+    """A mask's kept channels (its non-zero entries, as indices) and the values :func:`take`
+    folds into ``W_down``: None when every kept value is 1 (a binary mask folds nothing).
+
+    The ONNX pass and tasks written from a plan (``shared_graphs``) both cut by it, so they
+    agree on what is kept and what is scaled.
+    """
+    import numpy as np
+
+    m = np.asarray(mask, dtype=np.float32)
+    keep = np.flatnonzero(m)
+    scale = m[keep]
+    return keep, (None if bool(np.all(scale == 1)) else scale)
+

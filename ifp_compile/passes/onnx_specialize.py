@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from ..errors import ProgramError
 from ..masks import validate_masks
-from ..slicing import take_array
+from ..slicing import kept_channels, take_array
 from .onnx_discover_ffn import OnnxFFNBlock, _as_ir, find_onnx_ffn_blocks
 
 
@@ -122,17 +122,15 @@ class _OnnxFolder:
         raise ProgramError(f"FFN block {block.index}: down projection not found")
 
     def fold(self, block: OnnxFFNBlock, mask: np.ndarray) -> None:
-        keep = np.flatnonzero(mask)
+        keep, scale = kept_channels(mask)
         w, k = block.width, int(keep.size)
         if k == 0:
             self._remove(block)
             return
-        scale = mask[keep].astype(np.float32)
-        soft = not bool(np.all(scale == 1))
         for p in block.params:
             idx = np.concatenate([keep + o for o in p.offsets])
             self._replace_param(block, p, _sliced(self.values[p.name].const_value, p.axis, idx,
-                                                  scale if p.role == "down" and soft else None))
+                                                  scale if p.role == "down" else None))
         for name in block.reshapes:
             self._rewrite_reshape(block, self.values[name].producer(), w, k)
         for name in block.splits:
