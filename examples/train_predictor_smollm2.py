@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     with status("collecting the code / prose / math corpora"):
-        per_domain = {d: domain_corpora.texts(d, "train", args.train_texts, min_chars=1200) for d in domain_corpora.DOMAINS}
-        mixed = [per_domain[d][i] for i in range(args.train_texts) for d in domain_corpora.DOMAINS]  # interleaved
+        per_domain = {d: domain_corpora.texts(d, "train", args.train_texts, min_chars=1200) for d in domain_corpora.TEXT_DOMAINS}
+        mixed = [per_domain[d][i] for i in range(args.train_texts) for d in domain_corpora.TEXT_DOMAINS]  # interleaved
         domain_corpora.write_jsonl(work / "train.jsonl", mixed)
     cfg = config_from_dict({
         "model": "default", "data": str(work / "train.jsonl"), "out": str(work / "run"), "stage": 1,
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     rows: dict[str, dict[str, float]] = {}
     lm = s.loss.lm
-    for domain in domain_corpora.DOMAINS:
+    for domain in domain_corpora.TEXT_DOMAINS:
         exs = loss_examples(s.tokenizer, domain, args.eval_segments, prompt=PROMPT, total=TOTAL)
         with torch.no_grad():
             task_mask = s.predictor(torch.tensor([encode(s.tokenizer, TASK_INSTRUCTIONS[domain])]))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
           f"{sum(result.losses[-20:]) / min(20, len(result.losses)):.3f} (mean of the last 20)")
     print(f"held-out loss (mask from tokens 0-{PROMPT}, loss on tokens {PROMPT}-{TOTAL}; "
           f"{args.eval_segments} segments per domain)")
-    doms = domain_corpora.DOMAINS
+    doms = domain_corpora.TEXT_DOMAINS
     head = f"{'mask':<42}" + "".join(f"{d:>9}" for d in doms) + "   gap closed (" + " / ".join(doms) + ")"
     print(head)
     print("-" * len(head))

@@ -1,38 +1,42 @@
-"""Offline text corpora in three domains -- code, prose, math -- for training and
+"""Offline corpora in four domains -- code, prose, math, docstring -- for training and
 evaluating a mask predictor (e.g. for SmolLM2-135M-Instruct) on CPU.
 
     python -m ifp_compile.corpora [--out DIR] [--n N] [--min-chars C] [--seed S]
 
-Every text comes from something that exists wherever Python is installed, so nothing is
-downloaded and the corpora can be rebuilt bit-for-bit on the same machine:
+Every text comes from the Python standard library or from a seeded generator, so nothing
+is downloaded, and the corpora are the same on every machine with the same Python version,
+whatever packages happen to be installed:
 
-* ``code``  -- windows of the Python standard library's own source files;
-* ``prose`` -- long English docstrings of the standard library and of the packages
-  installed in the running interpreter's site-packages;
-* ``math``  -- arithmetic word problems with worked answers, generated from a seed.
+* ``code``  -- windows of the standard library's own source files;
+* ``prose`` -- long English docstrings of the standard library;
+* ``math``  -- arithmetic word problems with worked answers, generated from a seed;
+* ``docstring`` -- an *instruction-driven* task: "Write a docstring for this Python
+  function." followed by a standard-library function with its docstring removed; the
+  completion is the docstring (:func:`pairs`). Its input is code and its output English,
+  so the text read so far does not say what comes next: the instruction does.
+
+The first three are *text-driven* (the continuation looks like the text before it). Each
+domain also has one task instruction (:data:`INSTRUCTIONS`), what a per-task mask
+predictor reads.
 
 Held-out text must be *unseen*, not merely *other windows of seen files*: neighbouring
 windows of one file share identifiers, style and topic, so a predictor evaluated on
 them would look better than it is. That is why code and prose are split **by source
 file** (a sha256 of the file's relative path, :func:`_split_of`), never by text. The
-same key is used for both domains, so a held-out stdlib file contributes neither code
-nor prose to training.
+same key is used for every domain, so a held-out stdlib file contributes neither code,
+prose nor docstrings to training. A third of the files is held out, so that the smallest
+held-out set (prose) still has more than 100 segments of 256 tokens.
 
-Files are not the only way text repeats, though: vendored copies and copy-pasted
-docstrings (``transformers`` repeats the same docstring in dozens of per-model files,
-with only the class name changed) would put the same prose on both sides of a file
-split. Each docstring is therefore also gated by a sha256 of its lower-case words
-(:func:`_content_split`): a docstring is used for training only if both its file and its
-content hash fall on the training side, and for held-out only if both fall on the
-held-out side. Of the docstrings used, about 15% are held-out. (With a file split alone,
-about 150 of the ~10,000 distinct long docstrings of a torch + transformers environment
-land on both sides.)
+Files are not the only way text repeats, though: copy-pasted docstrings (the same text
+in two modules, with only a name changed) would put the same prose on both sides of a
+file split. A docstring whose lower-case words (:func:`_content_key`) occur in a file of
+each split is therefore used by neither (:func:`_shared_contents`).
 
 Math problems have no files to split. The held-out problems come from a disjoint seed
-stream (the split is part of every generator's seed) **and** use a disjoint set of
-person names (:data:`NAMES`); every problem names a person, so no held-out problem can
-be textually equal to a training problem, while the templates stay the same so the
-held-out set measures generalisation to new numbers and wording, not to a new task.
+stream (the split is part of every generator's seed), use a disjoint set of person names
+(:data:`NAMES`) **and** disjoint problem templates (:data:`SPLIT_TEMPLATES`): a held-out
+problem is a kind of problem never seen in training, so the held-out loss measures
+arithmetic in new wording, not fitting a format.
 
 Everything is a pure function of (installed files, arguments): file lists are sorted,
 orders come from sha256 (never the salted built-in ``hash``), and no set is iterated.
@@ -50,18 +54,26 @@ import json
 import os
 import random
 import re
-import site
 import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-DOMAINS = ("code", "prose", "math")
+DOMAINS = ("code", "prose", "math", "docstring")
+#: the domains whose examples are plain texts (continued by the model); docstring has pairs
+TEXT_DOMAINS = ("code", "prose", "math")
 SPLITS = ("train", "heldout")
 
-HELDOUT_PERCENT = 15  # share of source files (and of used docstrings) that is held out
-CONTENT_HELDOUT_PERCENT = 50  # share of docstring contents reserved for the held-out side
+HELDOUT_PERCENT = 33  # share of source files that is held out
+
+#: what a per-task predictor reads for each domain (the task, not its text)
+INSTRUCTIONS = {
+    "code": "Continue this Python source file from the standard library.",
+    "prose": "Continue this technical documentation, written in plain English prose.",
+    "math": "Solve these arithmetic word problems step by step, ending with the answer.",
+    "docstring": "Write a docstring for this Python function.",
+}
 MIN_CODE_FILE_BYTES = 2048  # smaller files are mostly boilerplate (imports, __all__)
 MIN_DOCSTRING_CHARS = 300  # shorter docstrings are one-liners, not prose
 MAX_CODE_LINE_FRACTION = 0.2  # docstrings with more code-like lines than this are dropped
@@ -73,7 +85,6 @@ MAX_CODE_LINE_FRACTION = 0.2  # docstrings with more code-like lines than this a
 _STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "encodings", "pydoc_data", "__pycache__"}
 )
-_SITE_SKIP_DIRS = frozenset({"test", "tests", "testing", "__pycache__", "_vendor", "vendor", "vendored", "_distutils"})
 
 
 # --------------------------------------------------------------------------- hashing
@@ -102,9 +113,6 @@ def _content_key(doc: str) -> str:
     return " ".join(re.findall(r"(?<![\w`.])[a-z]+(?![\w`.])", doc))
 
 
-def _content_split(doc: str) -> str:
-    """The side a docstring's *content* belongs to; see the module docstring for why."""
-    return "heldout" if _digest("content|" + _content_key(doc)) % 100 < CONTENT_HELDOUT_PERCENT else "train"
 
 
 def _seeded_order(keys: Iterable[str], seed: int, salt: str = "") -> list[str]:
@@ -131,32 +139,14 @@ def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _site_roots() -> list[Path]:
-    """The running interpreter's site-packages directories, de-duplicated and sorted."""
-    listed = getattr(site, "getsitepackages", list)()  # missing in some old virtualenvs
-    paths = [*listed, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    stdlib = os.path.realpath(_stdlib_root())
-    roots = {os.path.realpath(p) for p in paths if os.path.isdir(p)}
-    return [Path(r) for r in sorted(roots) if r != stdlib]
-
-
 def _stdlib_sources(min_bytes: int) -> dict[str, Path]:
     return {f"stdlib/{rel}": path for rel, path in _python_files(_stdlib_root(), _STDLIB_SKIP_DIRS, min_bytes)}
-
-
-def _site_sources() -> dict[str, Path]:
-    """Site-packages files keyed ``site-packages/<relpath>``; the first root wins a tie."""
-    sources: dict[str, Path] = {}
-    for root in _site_roots():
-        for rel, path in _python_files(root, _SITE_SKIP_DIRS, 1):
-            sources.setdefault(f"site-packages/{rel}", path)
-    return sources
 
 
 def _domain_sources(domain: str) -> dict[str, Path]:
     if domain == "code":
         return _stdlib_sources(MIN_CODE_FILE_BYTES)
-    return {**_stdlib_sources(1), **_site_sources()}
+    return _stdlib_sources(1)
 
 
 def _split_sources(domain: str, split: str) -> dict[str, Path]:
@@ -164,11 +154,13 @@ def _split_sources(domain: str, split: str) -> dict[str, Path]:
 
 
 def sources(domain: str, split: str) -> list[str]:
-    """The sorted relative paths (``stdlib/...``, ``site-packages/...``) of the files
+    """The sorted relative paths (``stdlib/...``) of the files
     that may contribute text to ``domain``/``split``. The two splits never share a file."""
     _check(domain, split)
     if domain == "math":
         raise ValueError("domain 'math' is generated, it has no source files")
+    if domain == "docstring":
+        domain = "prose"  # every stdlib file, like prose
     return sorted(_split_sources(domain, split))
 
 
@@ -327,17 +319,131 @@ def _file_prose(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     return tuple(p for p in map(_prose, _docstrings(source)) if p)
 
 
+def _file_docs(key: str, path: Path) -> tuple[str, ...]:
+    stat = path.stat()
+    return _file_prose(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _shared_contents() -> frozenset[str]:
+    """Content keys of docstrings found in a file of each split: used on neither side."""
+    keys = {split: set() for split in SPLITS}
+    for key, path in _domain_sources("prose").items():
+        keys[_split_of(key)].update(_content_key(d) for d in _file_docs(key, path))
+        keys[_split_of(key)].update(_content_key(d) for _, d in _file_functions(key, path))
+    return frozenset(keys["train"] & keys["heldout"])
+
+
 def _prose_stream(split: str, seed: int) -> Iterator[str]:
     """The split's prose docstrings, file by file in a seeded order, without repeats."""
     paths = _split_sources("prose", split)
+    shared = _shared_contents()
     seen: set[str] = set()  # membership only, never iterated
     for key in _seeded_order(paths, seed, "prose-files"):
-        stat = paths[key].stat()
-        for doc in _file_prose(str(paths[key]), stat.st_size, stat.st_mtime_ns):
+        for doc in _file_docs(key, paths[key]):
             content = _content_key(doc)
-            if _content_split(doc) == split and content not in seen:
+            if content not in shared and content not in seen:
                 seen.add(content)
                 yield doc
+
+
+# -------------------------------------------------------------------------- docstring
+
+MIN_FUNCTION_DOC_CHARS = 120  # shorter docstrings are one-liners: too little to score
+MAX_FUNCTION_DOC_CHARS = 900
+MIN_FUNCTION_CODE_CHARS, MAX_FUNCTION_CODE_CHARS = 120, 900  # the body, once the docstring is removed
+MAX_FUNCTIONS_PER_FILE = 4  # so the first pairs come from many files, not a few big ones
+
+
+def _without_docstring(source_lines: list[str], node: ast.AST) -> str | None:
+    """The function's source (decorators included) with its docstring statement removed."""
+    import textwrap
+
+    doc = node.body[0]
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    lines = [line for i, line in enumerate(source_lines[first - 1:node.end_lineno], first)
+             if not doc.lineno <= i <= doc.end_lineno]
+    if len(node.body) < 2 or source_lines[node.lineno - 1].rstrip().endswith('"""'):
+        return None  # nothing but the docstring, or a one-line def whose docstring shares the line
+    return textwrap.dedent("".join(lines)).strip("\n")
+
+
+@functools.lru_cache(maxsize=32768)
+def _function_pairs(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    """``(function source without its docstring, docstring)`` for a file's documented
+    functions, in source order. Memoised like :func:`_file_prose`."""
+    import inspect
+
+    source = _read(Path(path))
+    if not source or ('"""' not in source and "'''" not in source):
+        return ()
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ()
+    lines = source.splitlines(keepends=True)
+    out = []
+    for node in _docstring_nodes(tree.body):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        doc = inspect.cleandoc(ast.get_docstring(node, clean=False))
+        if not MIN_FUNCTION_DOC_CHARS <= len(doc) <= MAX_FUNCTION_DOC_CHARS or not _is_english(doc):
+            continue
+        if sum(_code_line_flags(doc.splitlines())) > MAX_CODE_LINE_FRACTION * max(len(doc.splitlines()), 1):
+            continue  # a doctest, not a description
+        code = _without_docstring(lines, node)
+        if code and MIN_FUNCTION_CODE_CHARS <= len(code) <= MAX_FUNCTION_CODE_CHARS and '"""' not in code:
+            try:  # a string literal at column 0 inside the body defeats dedent: skip those
+                ast.parse(code)
+            except (SyntaxError, ValueError):
+                continue
+            out.append((code, doc))
+    return tuple(out)
+
+
+def _file_functions(key: str, path: Path) -> tuple[tuple[str, str], ...]:
+    stat = path.stat()
+    return _function_pairs(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def docstring_prompt(code: str) -> str:
+    """What the model reads before it writes the docstring: the instruction, then the code."""
+    return f"{INSTRUCTIONS['docstring']}\n\n```python\n{code}\n```\n\nDocstring:\n"
+
+
+def pairs(domain: str, split: str, n: int, *, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` ``(prompt, completion)`` pairs of the instruction-driven ``docstring`` domain:
+    the prompt is :func:`docstring_prompt` of a standard-library function without its
+    docstring, the completion the docstring. Split by file like code and prose; a pure
+    function of the arguments and the Python installation, and ``pairs(..., n)`` is a prefix
+    of ``pairs(..., n + k)``. Raises ValueError when fewer than ``n`` exist."""
+    _check(domain, split)
+    if domain != "docstring":
+        raise ValueError(f"domain {domain!r} has texts, not prompt/completion pairs: use texts()")
+    if n < 0:
+        raise ValueError(f"{domain}/{split}: need n >= 0, got n={n}")
+    found = _all_pairs(split, seed, n)
+    if len(found) < n:
+        raise ValueError(f"only {len(found)} {domain}/{split} pairs are available, {n} requested")
+    return found
+
+
+def _all_pairs(split: str, seed: int, limit: int | None) -> list[tuple[str, str]]:
+    paths = _split_sources("prose", split)
+    shared = _shared_contents()
+    seen: set[str] = set()  # membership only, never iterated
+    out: list[tuple[str, str]] = []
+    for key in _seeded_order(paths, seed, "docstring-files"):
+        taken = 0
+        for code, doc in _file_functions(key, paths[key]):
+            content = _content_key(doc)
+            if content in shared or content in seen or taken == MAX_FUNCTIONS_PER_FILE:
+                continue
+            seen.add(content)
+            out.append((docstring_prompt(code), doc))
+            taken += 1
+            if limit is not None and len(out) == limit:
+                return out
+    return out
 
 
 def _pack(items: Iterable[str], min_chars: int, limit: int | None, sep: str = "\n\n") -> list[str]:
@@ -359,6 +465,8 @@ def _pack(items: Iterable[str], min_chars: int, limit: int | None, sep: str = "\
 # ------------------------------------------------------------------------------- math
 
 TEMPLATES = ("shopping", "sharing", "speed", "multistep", "percent")
+#: held-out problems are of kinds never seen in training (not only new numbers and names)
+SPLIT_TEMPLATES = {"train": ("shopping", "sharing", "multistep"), "heldout": ("speed", "percent")}
 
 # Disjoint name sets: every problem names a person, so no held-out problem can equal a
 # training problem even if the two seed streams happened to draw the same numbers.
@@ -491,6 +599,9 @@ def problem(rng: random.Random, template: str, split: str = "train") -> tuple[st
     if template not in _GENERATORS:
         raise ValueError(f"unknown math template {template!r}; expected one of {TEMPLATES}")
     _check("math", split)
+    if template not in SPLIT_TEMPLATES[split]:
+        raise ValueError(f"math template {template!r} belongs to the other split, not {split!r} "
+                         f"(its templates: {SPLIT_TEMPLATES[split]})")
     question, steps, answer = _GENERATORS[template](rng, rng.choice(NAMES[split]))
     return f"Question: {question}\nSolution: {' '.join(steps)}\nAnswer: {answer}", answer
 
@@ -504,7 +615,7 @@ def _math_text(split: str, seed: int, index: int, min_chars: int) -> str:
     rng = random.Random(_digest(f"math|{split}|{seed}|{index}"))
     problems: list[str] = []
     while sum(map(len, problems)) + 2 * len(problems) < min_chars + 2:
-        problems.append(problem(rng, rng.choice(TEMPLATES), split)[0])
+        problems.append(problem(rng, rng.choice(SPLIT_TEMPLATES[split]), split)[0])
     return "\n\n".join(problems)
 
 
@@ -519,6 +630,8 @@ def _check(domain: str, split: str) -> None:
 
 
 def _all_texts(domain: str, split: str, limit: int | None, min_chars: int, seed: int) -> list[str]:
+    if domain == "docstring":
+        raise ValueError("domain 'docstring' has prompt/completion pairs, not texts: use pairs()")
     if domain == "code":
         found = _code_texts(split, seed, min_chars)
         return found if limit is None else found[:limit]
@@ -533,6 +646,8 @@ def available(domain: str, split: str, *, min_chars: int = 1200, seed: int = 0) 
     docstrings pack into texts.
     """
     _check(domain, split)
+    if domain == "docstring":
+        return len(_all_pairs(split, seed, None))
     return None if domain == "math" else len(_all_texts(domain, split, None, min_chars, seed))
 
 
@@ -542,7 +657,8 @@ def texts(domain: str, split: str, n: int, *, min_chars: int = 1200, seed: int =
     Each text has at least ``min_chars`` characters: a window of whole lines of one stdlib
     file (code), consecutive prose docstrings (prose), or several worked word problems
     (math). The result is a pure function of the arguments and the installed files, and
-    ``texts(..., n)`` is a prefix of ``texts(..., n + k)``. ``seed`` reorders which files
+    ``texts(..., n)`` is a prefix of ``texts(..., n + k)``. (``docstring`` has
+    prompt/completion pairs instead: :func:`pairs`.) ``seed`` reorders which files
     and windows come first; it never moves a file between splits.
 
     Raises ValueError on an unknown domain or split, and when fewer than ``n`` texts exist.
@@ -587,15 +703,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         for split in SPLITS:
             start = time.perf_counter()
             count = available(domain, split, min_chars=args.min_chars, seed=args.seed)
-            first = texts(domain, split, 1, min_chars=args.min_chars, seed=args.seed)[0]
+            if domain == "docstring":
+                get = lambda n: [{"prompt": p, "completion": c} for p, c in pairs(domain, split, n, seed=args.seed)]  # noqa: E731
+                what = "prompt/completion pairs"
+            else:
+                get = lambda n: texts(domain, split, n, min_chars=args.min_chars, seed=args.seed)  # noqa: E731
+                what = f"texts of >= {args.min_chars} chars"
+            first = get(1)[0]
             shown = "unlimited (generated)" if count is None else str(count)
             seconds = time.perf_counter() - start
-            print(f"== {domain}/{split}: {shown} texts of >= {args.min_chars} chars ({seconds:.1f} s)")
-            print("   " + repr(first[:200]))
+            print(f"== {domain}/{split}: {shown} {what} ({seconds:.1f} s)")
+            print("   " + repr(str(first)[:200]))
             if args.out:
                 path = os.path.join(args.out, f"{domain}-{split}.jsonl")
-                write_jsonl(path, texts(domain, split, args.n, min_chars=args.min_chars, seed=args.seed))
-                print(f"   wrote {args.n} texts to {path}")
+                write_jsonl(path, get(args.n))
+                print(f"   wrote {args.n} records to {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ifp_compile.corpora: determinism, leak-free splits, correct math, errors.
 
-Prose reads installed packages, so its checks use small ``n`` to stay fast.
+Prose parses the standard library once per process, so its checks use small ``n``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ifp_compile import corpora as dc
 SMALL = {"code": 60, "prose": 25, "math": 30}
 
 
-@pytest.mark.parametrize("domain", dc.DOMAINS)
+@pytest.mark.parametrize("domain", dc.TEXT_DOMAINS)
 def test_deterministic_and_prefix_stable(domain):
     n = SMALL[domain]
     first = dc.texts(domain, "train", n)
@@ -49,7 +49,7 @@ def test_identical_in_a_fresh_process_with_another_hash_seed():
     assert out.split() == here
 
 
-@pytest.mark.parametrize("domain", dc.DOMAINS)
+@pytest.mark.parametrize("domain", dc.TEXT_DOMAINS)
 @pytest.mark.parametrize("min_chars", [400, 1200])
 def test_min_chars(domain, min_chars):
     for split in dc.SPLITS:
@@ -74,15 +74,16 @@ def test_sources_split_by_file(domain):
     train, heldout = dc.sources(domain, "train"), dc.sources(domain, "heldout")
     assert train and heldout and not set(train) & set(heldout)
     assert set(train) | set(heldout) == set(dc._domain_sources(domain))
-    assert 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.25  # ~15% held out
+    assert 0.25 < len(heldout) / (len(train) + len(heldout)) < 0.42  # ~33% held out
+    assert all(k.startswith("stdlib/") for k in train + heldout)  # never the installed packages
     assert all(dc._split_of(k) == "train" for k in train)
     assert all(dc._split_of(k) == "heldout" for k in heldout)
 
 
 def test_split_of_is_pinned():
     """A changed hash scheme would silently reshuffle every corpus (and leak old held-out files)."""
-    pinned = {"stdlib/os.py": "train", "stdlib/json/decoder.py": "heldout", "stdlib/random.py": "heldout",
-              "stdlib/argparse.py": "train", "stdlib/typing.py": "train"}
+    pinned = {"stdlib/os.py": "heldout", "stdlib/json/decoder.py": "heldout", "stdlib/random.py": "heldout",
+              "stdlib/argparse.py": "train", "stdlib/typing.py": "train", "stdlib/ast.py": "train"}
     assert {path: dc._split_of(path) for path in pinned} == pinned
 
 
@@ -94,8 +95,8 @@ def test_code_splits_share_no_text():
 def test_prose_splits_share_no_docstring():
     train_docs = [d for _, d in zip(range(400), dc._prose_stream("train", 0))]
     heldout_docs = [d for _, d in zip(range(150), dc._prose_stream("heldout", 0))]
-    assert all(dc._content_split(d) == "train" for d in train_docs)
-    assert all(dc._content_split(d) == "heldout" for d in heldout_docs)
+    shared = dc._shared_contents()
+    assert not any(dc._content_key(d) in shared for d in train_docs + heldout_docs)
     assert not {dc._content_key(d) for d in train_docs} & {dc._content_key(d) for d in heldout_docs}
     train, heldout = dc.texts("prose", "train", 60), dc.texts("prose", "heldout", 30)
     assert not set(train) & set(heldout)
@@ -132,10 +133,13 @@ def _check_arithmetic(text: str) -> int:
     return len(found)
 
 
+def _split_of_template(template: str) -> str:
+    return next(s for s in dc.SPLITS if template in dc.SPLIT_TEMPLATES[s])
+
+
 @pytest.mark.parametrize("template", dc.TEMPLATES)
-@pytest.mark.parametrize("split", dc.SPLITS)
-def test_math_problems_are_correct(template, split):
-    rng = random.Random(7)
+def test_math_problems_are_correct(template):
+    rng, split = random.Random(7), _split_of_template(template)
     for _ in range(60):
         text, answer = dc.problem(rng, template, split)
         question, solution, last = text.split("\n")
@@ -158,7 +162,7 @@ def test_math_shopping_answer_from_the_question():
 def test_math_percent_answer_from_the_question():
     rng = random.Random(4)
     for _ in range(100):
-        text, answer = dc.problem(rng, "percent")
+        text, answer = dc.problem(rng, "percent", "heldout")
         question = text.split("\n")[0]
         base, percent = (int(x) for x in re.search(r"(\d+)\D+?(\d+)%", question).groups())
         assert base * percent % 100 == 0  # whole-number answers by construction
@@ -170,6 +174,19 @@ def test_math_texts_concatenate_whole_problems():
         assert text.count("Question: ") == text.count("Answer: ") >= 2
         assert text.rstrip().splitlines()[-1].startswith("Answer: ")
         assert _check_arithmetic(text) >= 2
+
+
+def test_math_heldout_templates_are_never_trained_on():
+    assert sorted(dc.SPLIT_TEMPLATES["train"] + dc.SPLIT_TEMPLATES["heldout"]) == sorted(dc.TEMPLATES)
+    assert not set(dc.SPLIT_TEMPLATES["train"]) & set(dc.SPLIT_TEMPLATES["heldout"])
+    kinds = {"speed": "per hour", "percent": "%", "shopping": " each", "sharing": "shares them equally",
+             "multistep": "packs with"}
+    for split in dc.SPLITS:
+        problems = [p for t in dc.texts("math", split, 40) for p in t.split("\n\n")]
+        seen = {k for k, marker in kinds.items() if any(marker in p for p in problems)}
+        assert seen == set(dc.SPLIT_TEMPLATES[split]), split
+    with pytest.raises(ValueError, match="math template 'speed' belongs to the other split, not 'train'"):
+        dc.problem(random.Random(0), "speed", "train")
 
 
 def test_math_heldout_is_distinct_from_train():
@@ -200,6 +217,43 @@ def test_errors_name_the_domain_and_split():
         dc.texts("code", "train", -1)
     with pytest.raises(ValueError, match="unknown math template"):
         dc.problem(random.Random(0), "calculus")
+
+
+# -------------------------------------------------------------------------- docstring
+
+
+def test_docstring_pairs_are_functions_of_their_split_without_their_docstring():
+    import ast
+
+    sources = {split: [dc._read(dc._domain_sources("prose")[k]) for k in dc.sources("docstring", split)]
+               for split in dc.SPLITS}
+    flat = {split: [" ".join(src.split()) for src in sources[split]] for split in dc.SPLITS}
+    heldout = dc.pairs("docstring", "heldout", 40)
+    assert heldout == dc.pairs("docstring", "heldout", 40) and dc.pairs("docstring", "heldout", 10) == heldout[:10]
+    train = dc.pairs("docstring", "train", 40)
+    assert not {c for _, c in train} & {c for _, c in heldout}
+    for split, found, other in (("heldout", heldout, "train"), ("train", train, "heldout")):
+        for prompt, completion in found:
+            assert prompt.startswith(dc.INSTRUCTIONS["docstring"] + "\n\n```python\n") and prompt.endswith("Docstring:\n")
+            code = prompt.split("```python\n")[1].split("\n```")[0]
+            fn = ast.parse(code).body[0]
+            assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(fn) is None
+            assert completion not in code and dc.MIN_FUNCTION_DOC_CHARS <= len(completion)
+            name = f"def {fn.name}("
+            assert any(name in src and completion.splitlines()[0] in src for src in sources[split])
+            # neither the function nor its docstring occurs in a file of the other split
+            assert not any(" ".join(code.split()) in src or " ".join(completion.split()) in src for src in flat[other])
+
+
+def test_every_domain_has_an_instruction_and_docstring_has_no_texts():
+    assert set(dc.INSTRUCTIONS) == set(dc.DOMAINS) == set(dc.TEXT_DOMAINS) | {"docstring"}
+    with pytest.raises(ValueError, match="use pairs"):
+        dc.texts("docstring", "train", 1)
+    with pytest.raises(ValueError, match="use texts"):
+        dc.pairs("code", "train", 1)
+    with pytest.raises(ValueError, match=r"only \d+ docstring/heldout pairs are available, 100000 requested"):
+        dc.pairs("docstring", "heldout", 100_000)
+    assert dc.available("docstring", "heldout") >= 150  # enough for 100 held-out segments
 
 
 def test_available_matches_texts_for_code():
