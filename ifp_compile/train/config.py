@@ -21,6 +21,9 @@ class TrainError(IFPError):
     """Bad training input: config, data, checkpoint or keep counts."""
 
 
+PREDICTOR_INPUTS = ("text", "instruction", "constant")
+
+
 @dataclass
 class PredictorConfig:
     #: encoder = the first ``encoder_layers`` decoder layers of the target model (shared
@@ -38,6 +41,14 @@ class PredictorConfig:
     init: str = "random"
     init_examples: int = 16
     init_scale: float = 4.0
+    #: what the predictor reads: "text" (the input's own first tokens: per-input masks),
+    #: "instruction" (the record's "instruction": per-task masks) or "constant" (one fixed
+    #: input for every example: a static mask, learned with the same budget)
+    input: str = "text"
+    #: "ifpredictor" (encoder + head + SoftTopK) or "scales": the static calibrated channel
+    #: set (GRIFFIN over the first ``init_examples`` examples) kept fixed, only one scale per
+    #: kept channel learned -- the control that separates choosing channels from scaling them
+    kind: str = "ifpredictor"
 
 
 @dataclass
@@ -103,6 +114,13 @@ def _check(cfg: TrainConfig, where: str) -> None:
     p = cfg.predictor
     if p.init not in ("random", "static"):
         raise bad("predictor.init", f"must be \"random\" or \"static\", got {p.init!r}")
+    if p.input not in PREDICTOR_INPUTS:
+        raise bad("predictor.input", f"must be one of {', '.join(PREDICTOR_INPUTS)}, got {p.input!r}")
+    if p.kind not in ("ifpredictor", "scales"):
+        raise bad("predictor.kind", f"must be \"ifpredictor\" or \"scales\", got {p.kind!r}")
+    if p.kind == "scales" and p.init != "static":
+        raise bad("predictor.init", "must be \"static\" for predictor.kind \"scales\" (its channel set is the "
+                  "static calibrated one)")
     if p.encoder_model is None and (not isinstance(p.encoder_layers, int) or p.encoder_layers < 1):
         raise bad("predictor.encoder_layers", f"must be a positive int, got {p.encoder_layers!r}")
     for name in ("mlp_hidden", "iterations", "init_examples"):

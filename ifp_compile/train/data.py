@@ -9,6 +9,14 @@ and ``j + 1`` with the loss on chunk ``j + 1`` only. (The paper says the mask fr
 chunk ``j`` is used to predict chunk ``j + 1``; giving the LLM chunk ``j`` as context
 is our choice, so the first tokens of ``j + 1`` are not predicted from nothing.)
 
+A stage 1 record may instead be a ``prompt``/``completion`` pair (an instruction-driven
+task such as ``corpora``'s docstring domain): the LLM reads both with the loss on the
+completion, and the predictor reads the prompt.
+
+What the predictor reads can be replaced for a whole run (``predictor.input``): the
+record's ``instruction`` (per-task masks) or one constant input (a static mask learned
+with the same data and budget as the per-input and per-task ones).
+
 Stage 2 (instruction tuning): the predictor reads the first user message; the LLM
 reads the whole conversation (the tokenizer's chat template when it has one, else
 ``role: content`` lines) with the loss on the assistant's tokens only.
@@ -77,7 +85,7 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 def _text(record: dict, where: str) -> str:
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise TrainError(f"{where}: stage 1 needs a non-empty \"text\" string")
+        raise TrainError(f"{where}: stage 1 needs a non-empty \"text\" string (or \"prompt\" and \"completion\")")
     return text
 
 
@@ -107,6 +115,19 @@ def _messages(record: dict, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in msgs):
         raise TrainError(f"{where}: the conversation has no assistant message to train on")
     return msgs
+
+
+#: what a "constant"-input predictor reads for every example: any fixed text would do
+CONSTANT_INPUT = "Any task."
+
+
+def pair_example(prompt_ids: list[int], completion_ids: list[int], max_tokens: int) -> Example | None:
+    """The LLM reads prompt + completion (cut at ``max_tokens``), the loss is on the completion."""
+    ids = (prompt_ids + completion_ids)[:max_tokens]
+    if len(prompt_ids) < 1 or len(ids) <= len(prompt_ids):
+        return None
+    mask = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+    return Example(tuple(prompt_ids), tuple(ids), tuple(mask))
 
 
 def stage1_examples(text_ids: list[int], chunk: int, max_tokens: int) -> list[Example]:
@@ -179,17 +200,43 @@ def stage2_example(tokenizer, messages: list[dict], max_tokens: int, where: str 
     return Example(tuple(encode(tokenizer, first_user)), tuple(ids), tuple(mask))
 
 
-def load_examples(path, stage: int, tokenizer, chunk_tokens: int, max_tokens: int) -> list[Example]:
-    """Every example of a JSONL file (order = file order); an empty result is an error."""
+def _pair(record: dict, where: str) -> tuple[str, str]:
+    if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("prompt", "completion")):
+        raise TrainError(f"{where}: \"prompt\" and \"completion\" must be non-empty strings")
+    return record["prompt"], record["completion"]
+
+
+def _predictor_input(record: dict, how: str, tokenizer, where: str) -> tuple[int, ...] | None:
+    """The ids the predictor reads instead of the example's own text (None: its own)."""
+    if how == "constant":
+        return tuple(encode(tokenizer, CONSTANT_INPUT))
+    if how == "instruction":
+        text = record.get("instruction")
+        if not isinstance(text, str) or not text.strip():
+            raise TrainError(f"{where}: predictor.input is \"instruction\" but the record has no non-empty "
+                             "\"instruction\" string")
+        return tuple(encode(tokenizer, text))
+    return None
+
+
+def load_examples(path, stage: int, tokenizer, chunk_tokens: int, max_tokens: int,
+                  predictor_input: str = "text") -> list[Example]:
+    """Every example of a JSONL file (order = file order); an empty result is an error.
+
+    ``predictor_input``: "text" (the predictor reads each example's own input), "instruction"
+    (the record's ``instruction``) or "constant" (:data:`CONSTANT_INPUT`)."""
     out: list[Example] = []
     for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if stage == 1:
-            out += stage1_examples(encode(tokenizer, _text(record, where)), chunk_tokens, max_tokens)
+        if stage == 1 and "text" not in record and "prompt" in record:
+            prompt, completion = _pair(record, where)
+            found = [pair_example(encode(tokenizer, prompt), encode(tokenizer, completion), max_tokens)]
+        elif stage == 1:
+            found = stage1_examples(encode(tokenizer, _text(record, where)), chunk_tokens, max_tokens)
         else:
-            ex = stage2_example(tokenizer, _messages(record, where), max_tokens, where)
-            if ex is not None:
-                out.append(ex)
+            found = [stage2_example(tokenizer, _messages(record, where), max_tokens, where)]
+        reads = _predictor_input(record, predictor_input, tokenizer, where)
+        out += [ex if reads is None else Example(reads, ex.input_ids, ex.loss_mask) for ex in found if ex is not None]
     if not out:
         what = (f"no text is longer than one chunk ({chunk_tokens} tokens)" if stage == 1
                 else f"no conversation keeps an assistant token within max_tokens={max_tokens}")

@@ -69,6 +69,13 @@ def load_model_and_tokenizer(model: str, tokenizer: str | None = "model", dtype=
 
 def make_predictor(model: nn.Module, widths: list[int], cfg: TrainConfig) -> IFPredictor:
     p = cfg.predictor
+    if p.kind == "scales":
+        from ..predictors import StaticScales
+
+        try:
+            return StaticScales(widths, cfg.keep)
+        except IFPError as e:
+            raise TrainError(f"keep: {e}") from None
     if p.encoder_model is not None:
         encoder_lm, _ = load_model(p.encoder_model, cfg.dtype)
         # one tokenizer feeds both the encoder and the LLM (as in specialize(program, text))
@@ -301,7 +308,7 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
     if cfg.batch_size % world.size:
         raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world.size})")
     s = setup_ or setup(cfg)
-    examples = load_examples(cfg.data, cfg.stage, s.tokenizer, cfg.chunk_tokens, cfg.max_tokens)
+    examples = load_examples(cfg.data, cfg.stage, s.tokenizer, cfg.chunk_tokens, cfg.max_tokens, cfg.predictor.input)
     check_vocabulary(examples, s.predictor, s.model, cfg.data)
     ck = Path(cfg.out) / CHECKPOINT
     if world.main:
