@@ -200,6 +200,24 @@ def test_eval_report_draws_the_intervals(tmp_path):
     assert "Against static mask (Adapt-Pruner), with 95% intervals" in html
 
 
+def test_eval_report_groups_intervals_by_baseline_and_reads_per_task_from_rows(tmp_path):
+    """With the controls, frozen rows are compared with the static learned mask and joint rows
+    with the joint one: one section per baseline. A row that says it is not per task (a
+    static learned mask) gets no task-by-task overlap, whatever its kind is called."""
+    iv = {"domain": "a", "mean": -0.1, "low": -0.2, "high": -0.05, "n": 100, "level": 0.95, "excludes_zero": True}
+    rows = [*EVAL["rows"], {"name": "static learned mask", "kind": "static-learned", "per_task": False,
+                            "parameters": 1, "loss": {"a": 2.5, "b": 3.5}, "math_accuracy": None}]
+    ev = dict(EVAL, rows=rows, intervals=[
+        {**iv, "row": "per-task predictor", "baseline": "static learned mask"},
+        {**iv, "row": "per-task predictor, LLM trained with it", "baseline": "static learned mask, LLM trained"}])
+    masks = {**HAND, "static-learned": HAND["static"]}
+    data = load_report_data(write_eval(tmp_path / "ev", masks=masks, ev=ev))
+    assert [o.name for o in data.overlaps] == ["prompt-activation"]
+    html = write_report(tmp_path / "ev").read_text()
+    assert "Against static learned mask, with 95% intervals" in html
+    assert "Against static learned mask, LLM trained, with 95% intervals" in html
+
+
 def test_eval_report_shows_the_swap_matrix(tmp_path):
     ev = dict(EVAL, swap={"per-task: prompt activation": {"a": {"a": 2.4, "b": 2.6}, "b": {"a": 3.1, "b": 3.3}}},
               swap_diagonal_wins={"per-task: prompt activation": {"a": True, "b": False}})

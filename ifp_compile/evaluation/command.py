@@ -16,6 +16,15 @@ STATIC = ("adapt", "magnitude")
 STATIC_SCORES = ("taylor", "activation", "magnitude")
 
 
+def _budgets():
+    from .controls import QUICK, Budget
+
+    return Budget(), QUICK
+
+
+DEFAULT_BUDGET, QUICK_BUDGET = _budgets()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import _positive_int, add_dtype_argument, fraction
 
@@ -28,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-score", choices=STATIC_SCORES, default="activation",
                    help="Adapt-Pruner's within-layer score (default activation: the strongest static "
                    "baseline on SmolLM2, see docs/results.md)")
-    p.add_argument("--segments", type=_positive_int, default=12,
-                   help="held-out segments of 256 tokens per domain (default 12)")
-    p.add_argument("--problems", type=int, default=20, help="held-out math problems to answer (default 20; 0 = skip)")
+    p.add_argument("--segments", type=_positive_int, default=None,
+                   help="held-out segments of up to 256 tokens per domain (default 100; 6 with --quick)")
+    p.add_argument("--problems", type=int, default=None,
+                   help="held-out math problems to answer (default 20, 0 with --controls; 0 = skip)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default 64)")
     p.add_argument("--calibration-chunks", type=_positive_int, default=6,
                    help="256-token chunks of training text for the static mask (default 6)")
@@ -38,6 +48,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap", action="store_true",
                    help="also the task-swap matrix of every per-task row: each domain's segments with the masks "
                    "chosen for every other domain's (the diagonal should win if the input matters)")
+    p.add_argument("--swap-segments", type=_positive_int, default=None,
+                   help="score the swap matrices on each domain's first N segments (default all)")
+    g = p.add_argument_group("equal-budget controls (issue 19)")
+    g.add_argument("--controls", action="store_true",
+                   help="train and add the equal-budget rows: a static learned mask, the static calibrated set with "
+                   "learned scales, a per-task and a per-input predictor (each LLM-frozen and, with --joint all, "
+                   "trained jointly with the LLM); intervals are then against the static learned mask")
+    g.add_argument("--joint", choices=("none", "all"), default="all",
+                   help="with --controls: also train every control jointly with the LLM (default all)")
+    g.add_argument("--train-steps", type=_positive_int, default=None,
+                   help=f"with --controls: training steps of 4 examples per row (default {DEFAULT_BUDGET.steps}; "
+                   f"{QUICK_BUDGET.steps} with --quick)")
+    g.add_argument("--train-texts", type=_positive_int, default=None,
+                   help=f"with --controls: training records per domain (default {DEFAULT_BUDGET.texts_per_domain}; "
+                   f"{QUICK_BUDGET.texts_per_domain} with --quick)")
+    g.add_argument("--encoder-layers", type=_positive_int, default=4,
+                   help="with --controls: the predictors' encoder = the model's first N layers (default 4)")
+    g.add_argument("--work", help="with --controls: where training data and checkpoints go (default OUT.controls beside "
+                   "--out, or a temporary directory); a finished or interrupted row resumes from there")
+    g.add_argument("--quick", action="store_true",
+                   help="the same pipeline at a tiny budget (6 segments, 4 training steps, 8 records per domain, "
+                   "2 calibration chunks): minutes, for tests and smoke runs; its numbers mean nothing")
     p.add_argument("--out", help="also write DIR/eval.json and DIR/masks.safetensors (for ifp-compile report)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="'bytes' for test models without tokenizer files")
@@ -63,6 +95,33 @@ def _predictor_source(path: str, widths: list[int], counts: list[int]):
     return ifpredictor_source(predictor, (ck / "llm.safetensors").is_file(), s.model, s.program)
 
 
+def _train_controls(args, out: Path | None, log):
+    from dataclasses import replace
+
+    from .controls import train_controls
+
+    base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    budget = replace(base, steps=args.train_steps or base.steps, texts_per_domain=args.train_texts or base.texts_per_domain,
+                     keep=args.keep, seed=args.seed, encoder_layers=args.encoder_layers,
+                     tokenizer="bytes" if args.tokenizer == "bytes" else None, dtype=args.dtype)
+    if args.work:
+        work = Path(args.work)
+    elif out is not None:  # beside OUT, not in it: OUT is replaced whole when written
+        work = out.with_name(out.name + ".controls")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="ifp-controls-"))
+    if work.exists() and not work.is_dir():
+        raise IFPError(f"--work {work} exists and is not a directory")
+    log(f"controls: training data and checkpoints in {work}")
+    return train_controls(args.model, work, budget, (False, True) if args.joint == "all" else (False,), log=log)
+
+
+def _control_sources(trained):
+    from .controls import sources
+
+    return sources(trained)
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from safetensors.numpy import save
 
@@ -75,8 +134,17 @@ def eval_main(args: argparse.Namespace) -> int:
     from .rows import prompt_activation_source, random_source, static_source
     from .run import calibration, run_eval
 
+    quick = args.quick
+    if args.segments is None:
+        args.segments = 6 if quick else 100
+    if args.problems is None:
+        args.problems = 0 if (quick or args.controls) else 20
     if args.problems < 0:
         raise IFPError(f"--problems must be >= 0, got {args.problems}")
+    if quick:
+        args.calibration_chunks = min(args.calibration_chunks, 2)
+    if not args.controls and any(v is not None for v in (args.train_steps, args.train_texts, args.work)):
+        raise IFPError("--train-steps, --train-texts and --work need --controls")
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise IFPError(f"--out {out} exists and is not a directory")
@@ -94,12 +162,24 @@ def eval_main(args: argparse.Namespace) -> int:
     sources.append(prompt_activation_source(program, counts))
     if args.predictor:
         sources.append(_predictor_source(args.predictor, widths, counts))
+    swap_kinds = None
+    if args.controls:
+        trained = _train_controls(args, out, log)
+        sources += _control_sources(trained)
+        swap_kinds = {s.kind for s in sources if s.kind.startswith(("per-task", "per-input"))}
     sources.append(random_source(widths, counts, args.seed))
     result = run_eval(model, tok, program, sources, model_name=args.model, keep=args.keep, segments=args.segments,
-                      problems=args.problems, max_new_tokens=args.max_new_tokens, swap=args.swap)
+                      problems=args.problems, max_new_tokens=args.max_new_tokens, swap=args.swap,
+                      swap_segments=args.swap_segments, swap_kinds=swap_kinds)
     print(f"{args.model}: keep {args.keep} of FFN channels; held-out loss on tokens 64-256 of {args.segments} "
-          f"segments per domain (per-task masks read tokens 0-64); math: exact match of the final number over "
+          f"segments per domain (per-input masks read tokens 0-64; docstring: the loss is on the docstring, masks "
+          f"read the instruction and the function); math: exact match of the final number over "
           f"{args.problems} held-out problems, answered with the chat template")
+    if args.controls:
+        for t in trained:
+            last = t.losses[-20:]
+            print(f"  trained {t.control.kind}{'-joint' if t.joint else ''}: {len(t.losses)} steps, training loss "
+                  f"{t.losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the last {len(last)})")
     print(result.table())
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

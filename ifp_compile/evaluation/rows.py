@@ -7,7 +7,10 @@ FFN channels in total.
   training side of all domains, or uniform magnitude pruning (``static="magnitude"``);
 * ``prompt-activation``: GRIFFIN's rule on the prompt's own FFN activations, per input;
 * ``ifpredictor``: a trained IFPredictor checkpoint on the prompt, per input;
-* ``random``: a random channel set per input with the per-task rows' counts (the floor).
+* ``random``: a random channel set per input with the per-task rows' counts (the floor);
+* the trained equal-budget controls (``controls``): a static learned mask, the static
+  calibrated set with learned scales, a per-task and a per-input predictor, each with the
+  LLM frozen or trained jointly.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class MaskSource:
     #: A checkpoint that trained the LLM jointly with its predictor brings its own weights.
     model: object = None
     program: object = None
+    #: what ``masks_for`` is given: the segment's "prompt" (its first tokens), its domain's
+    #: "instruction" (``corpora.INSTRUCTIONS``) or a "constant" input (a static learned mask)
+    reads: str = "prompt"
 
 
 def static_source(program, calibration: list[torch.Tensor], keep: float, method: str = "adapt",

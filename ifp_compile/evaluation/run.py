@@ -36,6 +36,7 @@ class Row:
     masks: dict[str, list[np.ndarray]] | None = None
     #: domain -> the loss of each held-out segment (``loss[domain]`` is their mean)
     segment_losses: dict[str, list[float]] = field(default_factory=dict)
+    per_task: bool = False
 
 
 @dataclass
@@ -49,6 +50,8 @@ class EvalResult:
     domains: tuple[str, ...] = DOMAINS
     #: row name -> {evaluated domain: {domain whose masks were used: mean loss}} (``swap=True``)
     swap: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: how many of each domain's segments the swap matrices score (its diagonal included)
+    swap_segments: int = 0
 
     def swap_wins(self) -> dict[str, dict[str, bool]]:
         """Per swapped row and domain: does the domain's own mask give a lower loss than every
@@ -82,18 +85,24 @@ class EvalResult:
                             "gap_closed": None if abs(gap) < 1e-12 else (r.math_accuracy - static.math_accuracy) / gap})
         return out
 
-    def intervals(self, baseline: str = "static") -> list[dict]:
-        """Every other row against the ``baseline`` row, per domain: the mean per-segment loss
-        difference (row - baseline; negative: the row is better) and its paired bootstrap 95%
-        interval (``bootstrap``). Empty when the baseline row or segment losses are missing."""
+    def baseline_of(self, row: Row) -> Row | None:
+        """The row ``row`` is compared against: the static learned mask trained the same way
+        (LLM frozen or joint) when the controls ran, else the static row. The joint static
+        learned mask itself is compared with the frozen one (what joint training adds)."""
+        joint = row.kind.endswith("-joint") and row.kind != "static-learned-joint"  # that one: vs frozen
+        learned = self.row("static-learned-joint" if joint else "static-learned")
+        return learned or self.row("static-learned") or self.row("static")
+
+    def intervals(self) -> list[dict]:
+        """Every row against its baseline (:meth:`baseline_of`), per domain: the mean
+        per-segment loss difference (row - baseline; negative: the row is better) and its
+        paired bootstrap 95% interval (``bootstrap``). Empty without segment losses."""
         from .bootstrap import paired_bootstrap
 
-        base = self.row(baseline)
-        if base is None or not base.segment_losses:
-            return []
         out = []
         for r in self.rows:
-            if r is base:
+            base = self.baseline_of(r)
+            if base is None or base is r or not base.segment_losses:
                 continue
             for d in self.domains:
                 a, b = r.segment_losses.get(d), base.segment_losses.get(d)
@@ -109,8 +118,10 @@ class EvalResult:
         return {
             "tool_version": __version__, "model": self.model, "keep": self.keep, "domains": list(self.domains),
             "segments_per_domain": self.segments, "math_problems": self.problems,
-            "rows": [{"name": r.name, "kind": r.kind, "parameters": r.parameters, "loss": r.loss,
-                      "math_accuracy": r.math_accuracy, "segment_losses": r.segment_losses} for r in self.rows],
+            "rows": [{"name": r.name, "kind": r.kind, "per_task": r.per_task, "parameters": r.parameters,
+                      "loss": r.loss, "math_accuracy": r.math_accuracy, "segment_losses": r.segment_losses}
+                     for r in self.rows],
+            "swap_segments": self.swap_segments,
             "summary": self.summary(),
             "intervals": self.intervals(),
             "swap": self.swap,
@@ -128,11 +139,12 @@ class EvalResult:
 
     def table(self) -> str:
         doms = self.domains
-        head = f"{'row':<44}{'parameters':>13}" + "".join(f"{d + ' loss':>12}" for d in doms) + f"{'math EM':>9}"
+        w = max(44, 2 + max(len(r.name) for r in self.rows))
+        head = f"{'row':<{w}}{'parameters':>13}" + "".join(f"{d + ' loss':>16}" for d in doms) + f"{'math EM':>9}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             acc = "-" if r.math_accuracy is None else f"{r.math_accuracy:.0%}"
-            lines.append(f"{r.name:<44}{r.parameters:>13,}" + "".join(f"{r.loss[d]:>12.3f}" for d in doms) + f"{acc:>9}")
+            lines.append(f"{r.name:<{w}}{r.parameters:>13,}" + "".join(f"{r.loss[d]:>16.3f}" for d in doms) + f"{acc:>9}")
         summary = self.summary()
         if summary:
             lines += ["", "share of the static-to-dense gap closed by per-task masks (1 = dense, 0 = static):"]
@@ -141,32 +153,36 @@ class EvalResult:
                 g = "n/a" if s["gap_closed"] is None else f"{s['gap_closed']:+.0%}"
                 label = s["domain"] + (" EM" if s["metric"] == "exact match" else "")
                 by_row.setdefault(s["row"], []).append(f"{label} {g}")
-            lines += [f"  {name:<42}" + ", ".join(items) for name, items in by_row.items()]
+            lines += [f"  {name:<{w}}" + ", ".join(items) for name, items in by_row.items()]
         intervals = self.intervals()
         if intervals:
-            lines += ["", "loss - static loss per segment: mean [95% paired bootstrap interval] (* excludes 0):"]
+            lines += ["", "loss - baseline loss per segment: mean [95% paired bootstrap interval] (* excludes 0):"]
             by_row = {}
             for iv in intervals:
                 star = "*" if iv["excludes_zero"] else " "
-                by_row.setdefault(iv["row"], []).append(
+                by_row.setdefault((iv["row"], iv["baseline"]), []).append(
                     f"{iv['domain']} {iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]{star}")
-            lines += [f"  {name:<42}" + "  ".join(items) for name, items in by_row.items()]
+            for base in dict.fromkeys(b for _, b in by_row):
+                lines.append(f"  vs {base}:")
+                lines += [f"    {name:<{w}}" + "  ".join(items) for (name, b), items in by_row.items() if b == base]
         wins = self.swap_wins()
         for name, m in self.swap.items():
             doms = list(m)
-            lines += ["", f"task swap, {name}: loss on each domain (rows) with each domain's masks (columns); "
-                      "* = the domain's own masks win"]
-            lines.append(f"  {'':<10}" + "".join(f"{e + ' masks':>14}" for e in doms))
+            lines += ["", f"task swap, {name}: loss on each domain (rows) with each domain's masks (columns), "
+                      f"first {self.swap_segments} segments; * = the domain's own masks win"]
+            lines.append(f"  {'':<10}" + "".join(f"{e + ' masks':>17}" for e in doms))
             for d in doms:
-                lines.append(f"  {d:<10}" + "".join(f"{m[d][e]:>14.3f}" for e in doms) + ("  *" if wins[name][d] else ""))
+                lines.append(f"  {d:<10}" + "".join(f"{m[d][e]:>17.3f}" for e in doms) + ("  *" if wins[name][d] else ""))
         return "\n".join(lines)
 
 
 def calibration(tokenizer, n_chunks: int, tokens: int = tasks.TOTAL_TOKENS) -> list[torch.Tensor]:
-    """``n_chunks`` chunks of ``tokens`` ids, interleaved over the domains' *training* texts."""
-    per = -(-n_chunks // len(DOMAINS))
+    """``n_chunks`` chunks of ``tokens`` ids, interleaved over the text domains' *training*
+    texts (docstring training prompts are code and prose from the same files)."""
+    doms = corpora.TEXT_DOMAINS
+    per = -(-n_chunks // len(doms))
     pools = {}
-    for d in DOMAINS:
+    for d in doms:
         ids: list[int] = []
         for text in corpora.texts(d, "train", 4 * per, min_chars=1200):
             ids += encode(tokenizer, text)
@@ -175,7 +191,7 @@ def calibration(tokenizer, n_chunks: int, tokens: int = tasks.TOTAL_TOKENS) -> l
         if len(ids) < per * tokens:
             raise IFPError(f"the {d} training texts give only {len(ids)} tokens, {per * tokens} needed for calibration")
         pools[d] = [torch.tensor([ids[i * tokens:(i + 1) * tokens]]) for i in range(per)]
-    return [pools[d][i] for i in range(per) for d in DOMAINS][:n_chunks]
+    return [pools[d][i] for i in range(per) for d in doms][:n_chunks]
 
 
 def _mask_bits(masks: list[torch.Tensor]) -> list[np.ndarray]:
@@ -190,14 +206,28 @@ def _generate(module, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def _reader(tokenizer, src: MaskSource, domain: str):
+    """What ``src.masks_for`` reads for a segment of ``domain``: its prompt, or fixed ids."""
+    if src.reads == "instruction":
+        fixed = tasks.instruction_ids(tokenizer, domain)
+    elif src.reads == "constant":
+        fixed = tasks.constant_ids(tokenizer)
+    elif src.reads == "prompt":
+        return lambda prompt: prompt
+    else:
+        raise IFPError(f"mask source {src.name!r} reads {src.reads!r}; expected prompt, instruction or constant")
+    return lambda prompt: fixed
+
+
 def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name: str, keep: float,
-             segments: int = 12, problems: int = 20, max_new_tokens: int = 64, domains=DOMAINS,
-             swap: bool = False) -> EvalResult:
+             segments: int = 100, problems: int = 20, max_new_tokens: int = 64, domains=DOMAINS,
+             swap: bool = False, swap_segments: int | None = None, swap_kinds=None) -> EvalResult:
     """Dense plus every ``sources`` row on the same held-out examples and problems.
 
-    ``swap``: also, for every per-task row, the loss of each domain's segments with the masks
-    the row chose for another domain's segments (segment ``i`` with the masks of that
-    domain's segment ``i``): the task-swap matrix, whose diagonal is the row's own losses."""
+    ``swap``: also, for every per-task row (of ``swap_kinds``, default all), the loss of each
+    domain's segments with the masks the row chose for another domain's segments (segment
+    ``i`` with the masks of that domain's segment ``i``): the task-swap matrix, over the first
+    ``swap_segments`` segments (default all), whose diagonal is the row's own losses."""
     from ..eager import to_module
     from ..passes import find_ffn_blocks, insert_masks
     from ..stats import count_parameters, kept_parameters
@@ -206,6 +236,7 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
     blocks = find_ffn_blocks(program)
     ones = [torch.ones(b.width) for b in blocks]
     masked = {}
+    n_swap = segments if swap_segments is None else min(swap_segments, segments)
 
     def lm_of(src):
         prog = src.program if src is not None and src.program is not None else program
@@ -213,23 +244,27 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
             masked[id(prog)] = insert_masks(prog).module()
         return masked[id(prog)]
 
+    def swapped_row(src):
+        return swap and src.per_task and (swap_kinds is None or src.kind in swap_kinds)
+
     rows = [Row("dense", "dense", count_parameters(program))]
-    rows += [Row(s.name, s.kind, 0, masks={}) for s in sources]
+    rows += [Row(s.name, s.kind, 0, masks={}, per_task=s.per_task) for s in sources]
     chosen: dict[tuple[int, str], list] = {}  # (source, domain) -> masks per segment, for the swap
     held_out: dict[str, list] = {}
     for d in domains:
         with status(f"reading held-out {d} segments"):
             examples = held_out[d] = tasks.loss_examples(tokenizer, d, segments)
+        readers = [_reader(tokenizer, src, d) for src in sources]
         losses: list[list[float]] = [[] for _ in rows]
         bits: list[list[list[np.ndarray]]] = [[] for _ in sources]
-        for ex in progress(examples, f"loss on {d} ({len(rows)} rows x {len(examples)} segments)"):
+        for i, ex in enumerate(progress(examples, f"loss on {d} ({len(rows)} rows x {len(examples)} segments)")):
             ids, prompt = torch.tensor([ex.input_ids]), torch.tensor([ex.predictor_ids])
             with torch.no_grad():
                 losses[0].append(float(example_loss(lm_of(None)(ids, ones), ex)))
                 for j, src in enumerate(sources):
-                    m = src.masks_for(prompt)
+                    m = src.masks_for(readers[j](prompt))
                     losses[j + 1].append(float(example_loss(lm_of(src)(ids, m), ex)))
-                    if swap and src.per_task:
+                    if swapped_row(src) and i < n_swap:
                         chosen.setdefault((j, d), []).append(m)
                     if not bits[j] or src.per_task:
                         bits[j].append(_mask_bits(m))
@@ -242,34 +277,37 @@ def run_eval(model, tokenizer, program, sources: list[MaskSource], *, model_name
             rows[j + 1].masks[d] = [np.stack(layer) for layer in zip(*bits[j])]
     swapped: dict[str, dict[str, dict[str, float]]] = {}
     for j, src in enumerate(sources):
-        if not (swap and src.per_task):
+        if not swapped_row(src):
             continue
         matrix = swapped[src.name] = {d: {} for d in domains}
         for d in domains:
             for e in domains:
                 if e == d:
-                    matrix[d][e] = rows[j + 1].loss[d]
+                    own = rows[j + 1].segment_losses[d][:n_swap]
+                    matrix[d][e] = sum(own) / len(own)
                     continue
                 total = 0.0
-                for ex, m in progress(list(zip(held_out[d], chosen[(j, e)])), f"task swap: {d} with {e}'s masks"):
+                pairs = list(zip(held_out[d][:n_swap], chosen[(j, e)]))
+                for ex, m in progress(pairs, f"task swap, {src.kind}: {d} with {e}'s masks"):
                     with torch.no_grad():
                         total += float(example_loss(lm_of(src)(torch.tensor([ex.input_ids]), m), ex))
-                matrix[d][e] = total / len(held_out[d])
+                matrix[d][e] = total / len(pairs)
     if problems:
         qs = tasks.math_problems(problems)
         right = [0] * len(rows)
         static_models: dict[int, object] = {}  # one mask for every problem: specialise once
+        readers = [_reader(tokenizer, src, "math") for src in sources]
         for question, answer in progress(qs, f"math exact match ({len(rows)} rows x {len(qs)} problems)"):
             ids = tasks.prompt_ids(tokenizer, tasks.math_prompt(question))
             right[0] += tasks.is_correct(_generate(model, tokenizer, ids, max_new_tokens), answer)
             for j, src in enumerate(sources):
                 small = static_models.get(j)
                 if small is None:
-                    small = to_module(src.model or model, src.program or program, mask=src.masks_for(ids))
+                    small = to_module(src.model or model, src.program or program, mask=src.masks_for(readers[j](ids)))
                     if not src.per_task:
                         static_models[j] = small
                 right[j + 1] += tasks.is_correct(_generate(small, tokenizer, ids, max_new_tokens), answer)
         for r, k in zip(rows, right):
             r.math_accuracy = k / len(qs)
     return EvalResult(model_name, keep, rows, segments, problems, time.perf_counter() - start, tuple(domains),
-                      swapped)
+                      swapped, n_swap if swapped else 0)

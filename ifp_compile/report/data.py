@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import IFPError, MaskError
 from .overlap import Overlap, domain_overlap, task_overlap
 
-#: rows whose masks are not per task: no task-by-task overlap to draw
+#: rows whose masks are not per task (for eval.json files that do not say, from before
+#: rows carried "per_task"): no task-by-task overlap to draw
 NOT_PER_TASK = ("dense", "static")
 SPEED_FILE = "speed.json"
 MASK_KEY = re.compile(r"^([^/]+)/([^/]+)/ffn\.(\d+)$")
@@ -212,8 +213,9 @@ def read_eval(directory: Path) -> ReportData:
     widths = [int(m.shape[1]) for m in next(iter(next(iter(masks.values())).values()))]
     kept = [KeptWidth(f"{k}: {d}", k, d, [float(m.sum(1).mean()) for m in masks[k][d]])
             for k in kinds for d in all_domains if d in masks[k]]
-    overlaps = [domain_overlap(k, _ordered(all_domains, masks[k]), masks[k]) for k in kinds if k not in NOT_PER_TASK]
-    per_task = [k for k in kinds if k not in NOT_PER_TASK]
+    said = {r["kind"]: r.get("per_task") for r in rows}
+    per_task = [k for k in kinds if (said.get(k) if isinstance(said.get(k), bool) else k not in NOT_PER_TASK)]
+    overlaps = [domain_overlap(k, _ordered(all_domains, masks[k]), masks[k]) for k in per_task]
     examples = {d: masks[per_task[0]][d][0].shape[0] for d in all_domains if d in masks[per_task[0]]} if per_task else {}
     facts = [("directory", str(directory)), ("kind", "eval directory (ifp-compile eval --out)"),
              ("model", str(ev.get("model", "unknown"))), ("tool version", str(ev.get("tool_version", "unknown")))]

@@ -233,17 +233,17 @@ def _quality_eval(data: ReportData) -> str:
                   gap] + [para(s) for s in sentences]
     intervals = [iv for iv in ev.get("intervals") or [] if isinstance(iv, dict)
                  and all(_numeric(iv.get(k)) for k in ("mean", "low", "high"))]
-    if intervals:
-        base = intervals[0].get("baseline", "the baseline")
-        parts += [f"<h3>Against {escape(str(base))}, with 95% intervals</h3>",
+    for base in dict.fromkeys(str(iv.get("baseline", "the baseline")) for iv in intervals):
+        group = [iv for iv in intervals if str(iv.get("baseline", "the baseline")) == base]
+        parts += [f"<h3>Against {escape(base)}, with 95% intervals</h3>",
                   para(f"Per held-out segment, each row's loss minus {base}'s (negative: the row is better); "
                        "the bar is the paired bootstrap 95% interval of the mean. An interval that does not "
                        "cross 0 is a difference beyond the luck of which segments were drawn.", "note"),
-                  image(figures.intervals_png(intervals), f"loss differences against {base} with 95% intervals"),
+                  image(figures.intervals_png(group), f"loss differences against {base} with 95% intervals"),
                   table(["row", "domain", "mean difference", "95% interval", "segments"],
                         [[str(iv["row"]), str(iv["domain"]), f"{iv['mean']:+.4f}",
                           f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" + (" *" if iv.get("excludes_zero") else ""),
-                          fmt(iv.get("n"))] for iv in intervals], [False, False, True, False, True])]
+                          fmt(iv.get("n"))] for iv in group], [False, False, True, False, True])]
     swap = ev.get("swap") or {}
     wins = ev.get("swap_diagonal_wins") or {}
     for name, matrix in swap.items():

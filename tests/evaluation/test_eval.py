@@ -44,7 +44,8 @@ def _row(name, kind, loss, acc, params=10):
 
 def test_gap_closed_by_hand():
     r = EvalResult("m", 0.5, [_row("dense", "dense", (2.0, 3.0, 1.0), 0.5), _row("static", "static", (4.0, 5.0, 1.0), 0.1),
-                              _row("pa", "prompt-activation", (3.0, 5.5, 1.0), 0.3)], 2, 10)
+                              _row("pa", "prompt-activation", (3.0, 5.5, 1.0), 0.3)], 2, 10,
+                   domains=("code", "prose", "math"))
     got = {(s["domain"], s["metric"]): s["gap_closed"] for s in r.summary()}
     assert got[("code", "loss")] == pytest.approx(0.5) and got[("prose", "loss")] == pytest.approx(-0.25)
     assert got[("math", "loss")] is None  # static == dense: no gap to close

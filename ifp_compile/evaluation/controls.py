@@ -1,0 +1,155 @@
+"""The equal-budget controls of a trained mask predictor (issue 19).
+
+Does a per-task mask beat a static one because it is chosen *per task*, or because it was
+*trained*? Every row here is trained on the same data (``training_data``: the four
+``corpora`` domains, interleaved), with the same steps, batch, optimizer, learning rates,
+keep ratio, seed and starting point (the static calibrated mask: GRIFFIN's rule over the
+first training examples); they differ only in what chooses the mask:
+
+========================  ==================================================================
+``static-learned``        an IFPredictor that reads one constant input: one learned mask
+``static-scales``         the static calibrated channel set, fixed; only its scales learned
+``per-task``              an IFPredictor that reads the task's instruction (``corpora.INSTRUCTIONS``)
+``per-input``             an IFPredictor that reads the input's own first 64 tokens (the prompt)
+========================  ==================================================================
+
+each with the LLM frozen and, with ``joint``, trained together with the predictor (full
+fine-tuning of the LLM at ``llm_lr``: the paper's setting; a 135M model's AdamW state fits
+in memory, so LoRA is not needed here). Training resumes from ``work/<row>/checkpoint``,
+so an interrupted run loses at most ``save_every`` steps and a finished row is reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import corpora
+from ..progress import status
+from .rows import MaskSource
+
+
+@dataclass(frozen=True)
+class Control:
+    kind: str
+    name: str
+    per_task: bool
+    predictor: dict
+    reads: str  # what the eval feeds it: "prompt", "instruction" or "constant"
+
+
+CONTROLS = (
+    Control("static-learned", "static learned mask", False, {"input": "constant"}, "constant"),
+    Control("static-scales", "static calibrated mask + learned scales", False,
+            {"kind": "scales", "input": "constant"}, "constant"),
+    Control("per-task", "per-task predictor (task instruction)", True, {"input": "instruction"}, "instruction"),
+    Control("per-input", "per-input predictor (first 64 tokens)", True, {"input": "text"}, "prompt"),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every trained row gets, identically."""
+
+    steps: int = 150
+    texts_per_domain: int = 150
+    batch_size: int = 4
+    lr: float = 1e-3
+    llm_lr: float = 1e-5
+    keep: float = 0.5
+    seed: int = 0
+    encoder_layers: int = 4
+    chunk_tokens: int = 64
+    max_tokens: int = 192
+    #: None: the model's own tokenizer; "bytes" for tiny test models
+    tokenizer: str | None = None
+    dtype: str | None = None
+
+
+QUICK = Budget(steps=4, texts_per_domain=8)
+
+
+def training_data(path: Path, texts_per_domain: int, seed: int = 0) -> int:
+    """Write the controls' training JSONL: the four domains' training sides, interleaved.
+
+    Text domains give ``{"text", "instruction"}`` records, the docstring domain
+    ``{"prompt", "completion", "instruction"}``; every record also names its ``domain``."""
+    per: dict[str, list[dict]] = {}
+    for d in corpora.DOMAINS:
+        if d == "docstring":
+            found = corpora.pairs(d, "train", texts_per_domain, seed=seed)
+            per[d] = [{"prompt": p, "completion": c} for p, c in found]
+        else:
+            per[d] = [{"text": t} for t in corpora.texts(d, "train", texts_per_domain, min_chars=1200, seed=seed)]
+        for r in per[d]:
+            r.update(instruction=corpora.INSTRUCTIONS[d], domain=d)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return corpora.write_jsonl(path, [per[d][i] for i in range(texts_per_domain) for d in corpora.DOMAINS])
+
+
+def row_kind(control: Control, joint: bool) -> str:
+    return control.kind + ("-joint" if joint else "")
+
+
+def config_for(control: Control, joint: bool, model: str, data: Path, out: Path, budget: Budget) -> dict:
+    b = budget
+    return {
+        "model": model, "tokenizer": b.tokenizer, "dtype": b.dtype, "data": str(data), "out": str(out),
+        "stage": 1, "keep": b.keep, "train_llm": joint, "chunk_tokens": b.chunk_tokens, "max_tokens": b.max_tokens,
+        "batch_size": b.batch_size, "steps": b.steps, "lr": b.lr, "llm_lr": b.llm_lr, "seed": b.seed,
+        "save_every": max(b.steps // 4, 1),
+        "predictor": {"encoder_layers": b.encoder_layers, "init": "static", **control.predictor},
+    }
+
+
+@dataclass
+class Trained:
+    control: Control
+    joint: bool
+    setup: object  # train.Setup, with the trained predictor (and LLM) in memory
+    losses: list[float]
+    seconds: float
+
+
+def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, True), log=None) -> list[Trained]:
+    """Train every control row (resuming finished or interrupted ones from ``work``)."""
+    import time
+
+    from ..train import config_from_dict, run, setup
+
+    data = work / "train.jsonl"
+    with status(f"writing the controls' training data ({budget.texts_per_domain} records per domain)"):
+        training_data(data, budget.texts_per_domain, budget.seed)
+    out = []
+    for joint in joint_modes:
+        for c in CONTROLS:
+            kind = row_kind(c, joint)
+            cfg = config_from_dict(config_for(c, joint, model, data, work / kind, budget), where=f"control {kind}")
+            if log:
+                log(f"training {kind}: {budget.steps} steps x {budget.batch_size} examples"
+                    f"{', LLM trained too' if joint else ', LLM frozen'}")
+            start = time.perf_counter()
+            s = setup(cfg)
+            result = run(cfg, setup_=s)
+            out.append(Trained(c, joint, s, result.losses, time.perf_counter() - start))
+    return out
+
+
+def sources(trained: list[Trained]) -> list[MaskSource]:
+    """One eval row per trained control; joint rows bring their trained LLM."""
+    out = []
+    for t in trained:
+        predictor = t.setup.predictor
+        predictor.eval()
+
+        def masks_for(ids, predictor=predictor):
+            import torch
+
+            with torch.no_grad():
+                return [m.detach() for m in predictor(ids)]
+
+        suffix = ", LLM trained with it" if t.joint else ""
+        out.append(MaskSource(t.control.name + suffix, row_kind(t.control, t.joint), masks_for, t.control.per_task,
+                              model=t.setup.model if t.joint else None, program=t.setup.program if t.joint else None,
+                              reads=t.control.reads))
+    return out
