@@ -40,6 +40,29 @@ def trained(tmp_path_factory):
     return d, result.checkpoint, tasks
 
 
+def test_a_static_learned_mask_gives_every_task_one_mask(trained, tmp_path):
+    """A checkpoint trained on a constant input (predictor.input "constant") is a static
+    learned mask: every task gets the masks of that input, not of its own instruction."""
+    from ifp_compile.train import config_from_dict, run
+    from ifp_compile.train.data import CONSTANT_INPUT, encode
+    from ifp_compile.train.trainer import load_predictor
+    from tests.train.conftest import make_config
+
+    d, _, tasks = trained
+    cfg = make_config(d / "model", d / "text.jsonl", tmp_path / "run", steps=2,
+                      predictor={"input": "constant", "init": "static"})
+    ck = run(config_from_dict(cfg)).checkpoint
+    out = tmp_path / "out"
+    assert not build(str(d / "model"), tasks, out, predictor=str(ck)).failed
+    predictor, tok, _ = load_predictor(ck)
+    with torch.no_grad():
+        want = [m.numpy() for m in predictor.inner(torch.tensor([encode(tok, CONSTANT_INPUT)]))]
+    for k in range(3):
+        stored = read_mask_file(str(out / "tasks" / f"i{k}" / "mask.safetensors"), predictor.widths)
+        for a, b in zip(stored, want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_masks_come_from_the_trained_predictor(trained, tmp_path):
     from ifp_compile.train.data import encode
     from ifp_compile.train.trainer import load_predictor

@@ -51,8 +51,8 @@ CONTROLS = (
 class Budget:
     """What every trained row gets, identically."""
 
-    steps: int = 150
-    texts_per_domain: int = 150
+    steps: int = 100
+    texts_per_domain: int = 120
     batch_size: int = 4
     lr: float = 1e-3
     llm_lr: float = 1e-5

@@ -431,7 +431,29 @@ def load_predictor(checkpoint, widths: list[int] | None = None):
     own = {n: p for n, p in predictor.named_parameters() if id(p) not in shared}
     ckpt.load_into(own, ck / "predictor.safetensors", "predictor")
     predictor.eval()
+    if cfg.predictor.input == "constant":
+        from .data import CONSTANT_INPUT, encode
+
+        predictor = ConstantInput(predictor, torch.tensor([encode(tok, CONSTANT_INPUT)]))
     return predictor, tok, predictor_sha256(ck)
+
+
+class ConstantInput(nn.Module):
+    """A predictor trained on one constant input (``predictor.input: "constant"``, a static
+    learned mask) answers every instruction with that input's masks: fed the instruction
+    itself it would give masks it was never trained to give."""
+
+    def __init__(self, predictor: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        self.inner = predictor
+        self.ids = ids
+        self.widths, self.counts = predictor.widths, predictor.counts
+
+    def batch_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [m.expand(input_ids.shape[0], -1) for m in self.inner.batch_masks(self.ids)]
+
+    def forward(self, instruction_ids: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner(self.ids)
 
 
 def predictor_sha256(checkpoint) -> str:
