@@ -115,7 +115,8 @@ def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, T
     """Train every control row (resuming finished or interrupted ones from ``work``)."""
     import time
 
-    from ..train import config_from_dict, run, setup
+    from ..errors import IFPError
+    from ..train import TrainError, config_from_dict, run, setup
 
     data = work / "train.jsonl"
     with status(f"writing the controls' training data ({budget.texts_per_domain} records per domain)"):
@@ -130,7 +131,13 @@ def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, T
                     f"{', LLM trained too' if joint else ', LLM frozen'}")
             start = time.perf_counter()
             s = setup(cfg)
-            result = run(cfg, setup_=s)
+            try:
+                result = run(cfg, setup_=s)
+            except TrainError as e:
+                if "written by a run with another config" not in str(e):
+                    raise
+                raise IFPError(f"{e}\n(eval --controls: pass another --work directory, or remove {work / kind}, "
+                               "to train this row anew)") from None
             out.append(Trained(c, joint, s, result.losses, time.perf_counter() - start))
     return out
 

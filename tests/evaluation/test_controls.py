@@ -135,6 +135,13 @@ def test_a_second_run_reuses_the_checkpoints(run, capsys):
     capsys.readouterr()
 
 
+def test_another_budget_in_the_same_work_dir_is_refused(run, capsys):
+    root, args, _ = run
+    assert main(args + ["--keep", "0.25"]) == 2  # another keep ratio: not the run the checkpoints are of
+    err = capsys.readouterr().err
+    assert "written by a run with another config" in err and "pass another --work directory" in err
+
+
 def test_control_options_need_controls(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--train-steps", "3"]) == 2
     assert "--train-steps, --train-texts and --work need --controls" in capsys.readouterr().err
