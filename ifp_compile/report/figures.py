@@ -171,12 +171,12 @@ def intervals_png(intervals: list[dict]) -> bytes:
                 errs.append([iv["mean"] - iv["low"], iv["high"] - iv["mean"]])
             if ys:
                 ax.errorbar(means, ys, xerr=np.array(errs).T, fmt="o", capsize=3, color=_colour(j, len(rows)),
-                            label=_short(row))
+                            label=row if len(row) <= 64 else row[:63] + "\u2026")  # rows differ late in the name
         ax.axvline(0.0, color="black", linewidth=1)
         ax.set_yticks(range(len(domains)), domains)
         ax.invert_yaxis()
         base = str(intervals[0].get("baseline", "baseline")) if intervals else "baseline"
         ax.set_xlabel(f"loss - {base} loss per held-out segment (mean, 95% paired bootstrap interval)")
-        ax.legend(loc="best", fontsize="small")
+        fig.legend(loc="outside lower center", ncols=2, fontsize="small", frameon=False)
         return _png(fig)
 
