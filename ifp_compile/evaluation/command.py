@@ -176,6 +176,9 @@ def eval_main(args: argparse.Namespace) -> int:
           f"read the instruction and the function); math: exact match of the final number over "
           f"{args.problems} held-out problems, answered with the chat template")
     if args.controls:
+        from .controls import verdict_lines
+
+        print("\n".join(verdict_lines(result.to_json())))
         for t in trained:
             last = t.losses[-20:]
             print(f"  trained {t.control.kind}{'-joint' if t.joint else ''}: {len(t.losses)} steps, training loss "
@@ -190,7 +193,16 @@ def eval_main(args: argparse.Namespace) -> int:
                     if f.is_file() and f.name not in ("eval.json", "masks.safetensors"):
                         (tmp / f.name).write_bytes(f.read_bytes())
             atomic_write(tmp / "masks.safetensors", save(result.mask_tensors()))
-            atomic_write(tmp / "eval.json", dump_json({**result.to_json(), "seconds": round(result.seconds, 1)}))
+            extra = {"seconds": round(result.seconds, 1)}
+            if args.controls:
+                from .controls import verdict
+
+                extra.update(verdict=verdict(result.to_json()),
+                             training={f"{t.control.kind}{'-joint' if t.joint else ''}":
+                                       {"steps": len(t.losses), "seconds": round(t.seconds, 1),
+                                        "first_loss": t.losses[0], "last20_loss": sum(t.losses[-20:]) / len(t.losses[-20:])}
+                                       for t in trained})
+            atomic_write(tmp / "eval.json", dump_json({**result.to_json(), **extra}))
             replace_dir(tmp, out)
         except BaseException:
             import shutil

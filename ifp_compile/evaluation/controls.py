@@ -160,3 +160,44 @@ def sources(trained: list[Trained]) -> list[MaskSource]:
                               model=t.setup.model if t.joint else None, program=t.setup.program if t.joint else None,
                               reads=t.control.reads))
     return out
+
+
+#: the rows issue 19's target is about, and how many domains they must win
+TARGET_KINDS = ("per-task", "per-task-joint", "per-input", "per-input-joint")
+TARGET_DOMAINS = 3
+
+
+def verdict(data: dict) -> list[dict]:
+    """Issue 19's target, read from an ``eval.json`` dict: per trained per-task/per-input row,
+    the domains where it beats its static learned mask with the 95% interval excluding 0,
+    where it is worse beyond noise, where its own masks win the task swap, and whether both
+    hold in at least ``TARGET_DOMAINS`` domains."""
+    rows = {r["kind"]: r["name"] for r in data.get("rows", [])}
+    wins = data.get("swap_diagonal_wins") or {}
+    out = []
+    for kind in TARGET_KINDS:
+        name = rows.get(kind)
+        if name is None:
+            continue
+        ivs = [iv for iv in data.get("intervals", []) if iv["row"] == name]
+        better = [iv["domain"] for iv in ivs if iv["excludes_zero"] and iv["mean"] < 0]
+        worse = [iv["domain"] for iv in ivs if iv["excludes_zero"] and iv["mean"] > 0]
+        swap = wins.get(name)
+        own = None if swap is None else [d for d, won in swap.items() if won]
+        both = [d for d in better if own is not None and d in own]
+        out.append({"row": name, "baseline": ivs[0]["baseline"] if ivs else None, "domains": len(ivs),
+                    "better": better, "worse": worse, "swap_own_wins": own, "better_and_own_wins": both,
+                    "met": len(both) >= TARGET_DOMAINS})
+    return out
+
+
+def verdict_lines(data: dict) -> list[str]:
+    lines = []
+    for v in verdict(data):
+        own = "not measured (--swap)" if v["swap_own_wins"] is None else (", ".join(v["swap_own_wins"]) or "none")
+        lines.append(f"  {v['row']} vs {v['baseline']}: better beyond noise in "
+                     f"{', '.join(v['better']) or 'no domain'} ({len(v['better'])}/{v['domains']}); worse in "
+                     f"{', '.join(v['worse']) or 'no domain'}; own masks win the swap in {own}; target "
+                     f"(both in >= {TARGET_DOMAINS} domains): {'met' if v['met'] else 'NOT met'}")
+    return (["", "issue 19's target: a trained per-task row beats the static learned mask trained with the same "
+             "budget (95% interval excluding 0) and its own masks win the task swap:"] + lines) if lines else []

@@ -142,6 +142,34 @@ def test_another_budget_in_the_same_work_dir_is_refused(run, capsys):
     assert "written by a run with another config" in err and "pass another --work directory" in err
 
 
+def test_verdict_by_hand():
+    from ifp_compile.evaluation.controls import verdict, verdict_lines
+
+    def iv(domain, mean, excludes):
+        return {"row": "pt", "baseline": "sl", "domain": domain, "mean": mean, "excludes_zero": excludes}
+
+    data = {"rows": [{"kind": "static-learned", "name": "sl"}, {"kind": "per-task", "name": "pt"}],
+            "intervals": [iv("a", -0.2, True), iv("b", -0.1, True), iv("c", -0.3, True), iv("d", 0.2, True)],
+            "swap_diagonal_wins": {"pt": {"a": True, "b": False, "c": True, "d": True}}}
+    (v,) = verdict(data)
+    assert (v["better"], v["worse"], v["better_and_own_wins"], v["met"]) == (["a", "b", "c"], ["d"], ["a", "c"], False)
+    data["swap_diagonal_wins"]["pt"]["b"] = True
+    assert verdict(data)[0]["met"] and "target (both in >= 3 domains): met" in "\n".join(verdict_lines(data))
+    del data["swap_diagonal_wins"]
+    assert not verdict(data)[0]["met"] and "not measured (--swap)" in "\n".join(verdict_lines(data))
+
+
+def test_the_run_records_its_verdict_and_training(run):
+    from ifp_compile.evaluation.controls import verdict
+
+    _, _, data = run
+    assert data["verdict"] == verdict(data)
+    assert sorted(v["row"] for v in data["verdict"]) == sorted(
+        r["name"] for r in data["rows"] if r["kind"] in ("per-task", "per-task-joint", "per-input", "per-input-joint"))
+    assert set(data["training"]) == {c + j for c in KINDS for j in ("", "-joint")}
+    assert all(t["steps"] == 3 for t in data["training"].values())
+
+
 def test_control_options_need_controls(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--train-steps", "3"]) == 2
     assert "--train-steps, --train-texts and --work need --controls" in capsys.readouterr().err
