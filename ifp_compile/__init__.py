@@ -9,7 +9,7 @@
     small = ifp.specialize(prog, "Solve this math word problem.", tokenizer=tok)
 """
 
-__version__ = "0.2.0"  # before the imports: modules that write manifests read it
+__version__ = "0.3.0"  # before the imports: modules that write manifests read it
 
 from .blocks import AttentionBlock, FFNBlock, HeadSlice, ParamSlice
 from .capture import CausalLMLogits, export, export_checkpoint
