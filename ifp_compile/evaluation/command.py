@@ -180,9 +180,8 @@ def eval_main(args: argparse.Namespace) -> int:
 
         print("\n".join(verdict_lines(result.to_json())))
         for t in trained:
-            last = t.losses[-20:]
-            print(f"  trained {t.control.kind}{'-joint' if t.joint else ''}: {len(t.losses)} steps, training loss "
-                  f"{t.losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the last {len(last)})")
+            print(f"  trained {t.kind}: {len(t.losses)} steps, training loss "
+                  f"{t.losses[0]:.3f} -> {t.final_loss():.3f} (mean of the last {min(20, len(t.losses))})")
     print(result.table())
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +197,8 @@ def eval_main(args: argparse.Namespace) -> int:
                 from .controls import verdict
 
                 extra.update(verdict=verdict(result.to_json()),
-                             training={f"{t.control.kind}{'-joint' if t.joint else ''}":
-                                       {"steps": len(t.losses), "seconds": round(t.seconds, 1),
-                                        "first_loss": t.losses[0], "last20_loss": sum(t.losses[-20:]) / len(t.losses[-20:])}
+                             training={t.kind: {"steps": len(t.losses), "seconds": round(t.seconds, 1),
+                                                "first_loss": t.losses[0], "last20_loss": t.final_loss()}
                                        for t in trained})
             atomic_write(tmp / "eval.json", dump_json({**result.to_json(), **extra}))
             replace_dir(tmp, out)

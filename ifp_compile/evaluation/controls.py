@@ -110,6 +110,15 @@ class Trained:
     losses: list[float]
     seconds: float
 
+    @property
+    def kind(self) -> str:
+        return row_kind(self.control, self.joint)
+
+    def final_loss(self, last: int = 20) -> float:
+        """The mean training loss of the last ``last`` steps."""
+        tail = self.losses[-last:]
+        return sum(tail) / len(tail)
+
 
 def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, True), log=None) -> list[Trained]:
     """Train every control row (resuming finished or interrupted ones from ``work``)."""
@@ -156,7 +165,7 @@ def sources(trained: list[Trained]) -> list[MaskSource]:
                 return [m.detach() for m in predictor(ids)]
 
         suffix = ", LLM trained with it" if t.joint else ""
-        out.append(MaskSource(t.control.name + suffix, row_kind(t.control, t.joint), masks_for, t.control.per_task,
+        out.append(MaskSource(t.control.name + suffix, t.kind, masks_for, t.control.per_task,
                               model=t.setup.model if t.joint else None, program=t.setup.program if t.joint else None,
                               reads=t.control.reads))
     return out
