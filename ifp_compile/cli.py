@@ -52,6 +52,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def add_dtype_argument(p: argparse.ArgumentParser, default_help: str = "the model's own") -> None:
     """``--dtype``: the precision a loaded model is compiled and run in (one spelling everywhere)."""
     p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",

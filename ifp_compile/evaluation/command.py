@@ -26,7 +26,7 @@ DEFAULT_BUDGET, QUICK_BUDGET = _budgets()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import _positive_int, add_dtype_argument, fraction
+    from ..cli import _positive_float, _positive_int, add_dtype_argument, fraction
 
     p.add_argument("--model", default="default",
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Adapt-Pruner's within-layer score (default activation: the strongest static "
                    "baseline on SmolLM2, see docs/results.md)")
     p.add_argument("--segments", type=_positive_int, default=None,
-                   help="held-out segments of up to 256 tokens per domain (default 100; 6 with --quick)")
+                   help="held-out segments of up to 256 tokens per domain (default 100; 4 with --quick)")
     p.add_argument("--problems", type=int, default=None,
                    help="held-out math problems to answer (default 20, 0 with --controls; 0 = skip)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default 64)")
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also the task-swap matrix of every per-task row: each domain's segments with the masks "
                    "chosen for every other domain's (the diagonal should win if the input matters)")
     p.add_argument("--swap-segments", type=_positive_int, default=None,
-                   help="score the swap matrices on each domain's first N segments (default all)")
+                   help="score the swap matrices on each domain's first N segments (default all; 3 with --quick)")
     g = p.add_argument_group("equal-budget controls (issue 19)")
     g.add_argument("--controls", action="store_true",
                    help="train and add the equal-budget rows: a static learned mask, the static calibrated set with "
@@ -63,13 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-texts", type=_positive_int, default=None,
                    help=f"with --controls: training records per domain (default {DEFAULT_BUDGET.texts_per_domain}; "
                    f"{QUICK_BUDGET.texts_per_domain} with --quick)")
+    g.add_argument("--control-kinds", metavar="KIND[,KIND]",
+                   help="with --controls: train only these controls (of static-learned, static-scales, per-task, "
+                   "per-input; static-learned is required), e.g. for a longer or hotter run of the two that matter")
+    g.add_argument("--temperature", type=_positive_float, default=None,
+                   help="with --controls: the predictors' SoftTopK temperature (default 1.0; higher = softer masks "
+                   "while training)")
     g.add_argument("--encoder-layers", type=_positive_int, default=4,
                    help="with --controls: the predictors' encoder = the model's first N layers (default 4)")
     g.add_argument("--work", help="with --controls: where training data and checkpoints go (default OUT.controls beside "
                    "--out, or a temporary directory); a finished or interrupted row resumes from there")
     g.add_argument("--quick", action="store_true",
-                   help="the same pipeline at a tiny budget (6 segments, 4 training steps, 8 records per domain, "
-                   "2 calibration chunks): minutes, for tests and smoke runs; its numbers mean nothing")
+                   help="the same pipeline at a tiny budget (4 segments, swap on 3, 4 training steps, 8 records per "
+                   "domain, 2 calibration chunks): under 10 minutes on SmolLM2 on 2 cores, for tests and smoke "
+                   "runs; its numbers mean nothing")
     p.add_argument("--out", help="also write DIR/eval.json and DIR/masks.safetensors (for ifp-compile report)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="'bytes' for test models without tokenizer files")
@@ -98,11 +105,13 @@ def _predictor_source(path: str, widths: list[int], counts: list[int]):
 def _train_controls(args, out: Path | None, log):
     from dataclasses import replace
 
-    from .controls import train_controls
+    from .controls import select, train_controls
 
+    controls = select(args.control_kinds)
     base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
     budget = replace(base, steps=args.train_steps or base.steps, texts_per_domain=args.train_texts or base.texts_per_domain,
                      keep=args.keep, seed=args.seed, encoder_layers=args.encoder_layers,
+                     temperature=args.temperature or base.temperature,
                      tokenizer="bytes" if args.tokenizer == "bytes" else None, dtype=args.dtype)
     if args.work:
         work = Path(args.work)
@@ -113,7 +122,8 @@ def _train_controls(args, out: Path | None, log):
     if work.exists() and not work.is_dir():
         raise IFPError(f"--work {work} exists and is not a directory")
     log(f"controls: training data and checkpoints in {work}")
-    return train_controls(args.model, work, budget, (False, True) if args.joint == "all" else (False,), log=log)
+    return train_controls(args.model, work, budget, (False, True) if args.joint == "all" else (False,), log=log,
+                          controls=controls)
 
 
 def _control_sources(trained):
@@ -136,15 +146,22 @@ def eval_main(args: argparse.Namespace) -> int:
 
     quick = args.quick
     if args.segments is None:
-        args.segments = 6 if quick else 100
+        args.segments = 4 if quick else 100
+    if quick and args.swap_segments is None:
+        args.swap_segments = 3
     if args.problems is None:
         args.problems = 0 if (quick or args.controls) else 20
     if args.problems < 0:
         raise IFPError(f"--problems must be >= 0, got {args.problems}")
     if quick:
         args.calibration_chunks = min(args.calibration_chunks, 2)
-    if not args.controls and any(v is not None for v in (args.train_steps, args.train_texts, args.work)):
-        raise IFPError("--train-steps, --train-texts and --work need --controls")
+    if not args.controls and any(v is not None for v in (args.train_steps, args.train_texts, args.work,
+                                                         args.control_kinds, args.temperature)):
+        raise IFPError("--train-steps, --train-texts, --work, --control-kinds and --temperature need --controls")
+    if args.controls:
+        from .controls import select
+
+        select(args.control_kinds)  # a bad name fails before the model loads
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise IFPError(f"--out {out} exists and is not a directory")

@@ -59,6 +59,9 @@ class Budget:
     keep: float = 0.5
     seed: int = 0
     encoder_layers: int = 4
+    #: SoftTopK's temperature (higher: softer masks while training, so channels near the
+    #: top-k boundary get more gradient and the selection can move further from its start)
+    temperature: float = 1.0
     chunk_tokens: int = 64
     max_tokens: int = 192
     #: None: the model's own tokenizer; "bytes" for tiny test models
@@ -97,8 +100,12 @@ def config_for(control: Control, joint: bool, model: str, data: Path, out: Path,
         "model": model, "tokenizer": b.tokenizer, "dtype": b.dtype, "data": str(data), "out": str(out),
         "stage": 1, "keep": b.keep, "train_llm": joint, "chunk_tokens": b.chunk_tokens, "max_tokens": b.max_tokens,
         "batch_size": b.batch_size, "steps": b.steps, "lr": b.lr, "llm_lr": b.llm_lr, "seed": b.seed,
-        "save_every": max(b.steps // 4, 1),
-        "predictor": {"encoder_layers": b.encoder_layers, "init": "static", **control.predictor},
+        # a checkpoint every quarter of the run, but none more often than every 10 steps: a
+        # joint row's checkpoint holds the whole LLM, and writing it after each of --quick's
+        # few steps cost more than the steps themselves
+        "save_every": max(b.steps // 4, 10),
+        "predictor": {"encoder_layers": b.encoder_layers, "temperature": b.temperature, "init": "static",
+                      **control.predictor},
     }
 
 
@@ -120,8 +127,28 @@ class Trained:
         return sum(tail) / len(tail)
 
 
-def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, True), log=None) -> list[Trained]:
-    """Train every control row (resuming finished or interrupted ones from ``work``)."""
+def select(kinds: str | None) -> tuple[Control, ...]:
+    """The controls named in ``kinds`` (comma-separated, e.g. "static-learned,per-task"), in
+    ``CONTROLS`` order; every control for None. The static learned mask is always needed:
+    every other trained row is compared against it."""
+    from ..errors import IFPError
+
+    if kinds is None:
+        return CONTROLS
+    names = [k.strip() for k in kinds.split(",") if k.strip()]
+    known = {c.kind: c for c in CONTROLS}
+    bad = [k for k in names if k not in known]
+    if bad:
+        raise IFPError(f"--control-kinds: unknown control {', '.join(map(repr, bad))}; "
+                       f"choose from {', '.join(known)}")
+    if "static-learned" not in names:
+        raise IFPError("--control-kinds must include static-learned: every trained row is compared against it")
+    return tuple(c for c in CONTROLS if c.kind in names)
+
+
+def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, True), log=None,
+                   controls: tuple[Control, ...] = CONTROLS) -> list[Trained]:
+    """Train the control rows (resuming finished or interrupted ones from ``work``)."""
     import time
 
     from ..errors import IFPError
@@ -132,7 +159,7 @@ def train_controls(model: str, work: Path, budget: Budget, joint_modes=(False, T
         training_data(data, budget.texts_per_domain, budget.seed)
     out = []
     for joint in joint_modes:
-        for c in CONTROLS:
+        for c in controls:
             kind = row_kind(c, joint)
             cfg = config_from_dict(config_for(c, joint, model, data, work / kind, budget), where=f"control {kind}")
             if log:

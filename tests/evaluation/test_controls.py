@@ -172,4 +172,37 @@ def test_the_run_records_its_verdict_and_training(run):
 
 def test_control_options_need_controls(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--train-steps", "3"]) == 2
-    assert "--train-steps, --train-texts and --work need --controls" in capsys.readouterr().err
+    assert "--train-steps, --train-texts, --work, --control-kinds and --temperature need --controls" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kinds, message", [
+    ("static-learned,per-tsak", "unknown control 'per-tsak'; choose from static-learned, static-scales"),
+    ("per-task,per-input", "--control-kinds must include static-learned"),
+])
+def test_bad_control_kinds_fail_before_the_model_loads(tmp_path, capsys, kinds, message):
+    assert main(["eval", "--model", str(tmp_path / "absent"), "--controls", "--control-kinds", kinds]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent" not in err
+
+
+def test_a_subset_of_controls_at_another_temperature(run, capsys):
+    """--control-kinds trains only the named rows; --temperature reaches every predictor's SoftTopK."""
+    root, _, _ = run
+    out = root / "subset"
+    args = ["eval", "--model", str(root / "model"), "--tokenizer", "bytes", "--controls", "--quick", "--joint", "none",
+            "--control-kinds", "per-task, static-learned", "--temperature", "3", "--encoder-layers", "1",
+            "--static-score", "magnitude", "--segments", "3", "--train-steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert [r["kind"] for r in data["rows"]] == ["dense", "static", "prompt-activation", "static-learned", "per-task",
+                                                "random"]
+    assert sorted(data["training"]) == ["per-task", "static-learned"]
+    assert [v["row"] for v in data["verdict"]] == [next(r["name"] for r in data["rows"] if r["kind"] == "per-task")]
+    for kind in ("static-learned", "per-task"):
+        ck = root / "subset.controls" / kind / "checkpoint"
+        s = setup(config_from_dict(read_state(ck)["config"]))
+        assert {t.temperature for t in load_trained(ck, s).topk} == {3.0}
+    with pytest.raises(SystemExit):
+        main(args[:-2] + ["--temperature", "0", "--out", str(out)])
+    assert "--temperature: must be > 0, got 0" in capsys.readouterr().err
