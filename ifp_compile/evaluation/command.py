@@ -190,8 +190,9 @@ def eval_main(args: argparse.Namespace) -> int:
                       swap_segments=args.swap_segments, swap_kinds=swap_kinds)
     print(f"{args.model}: keep {args.keep} of FFN channels; held-out loss on tokens 64-256 of {args.segments} "
           f"segments per domain (per-input masks read tokens 0-64; docstring: the loss is on the docstring, masks "
-          f"read the instruction and the function); math: exact match of the final number over "
-          f"{args.problems} held-out problems, answered with the chat template")
+          f"read the instruction and the function); " + (
+              f"math: exact match of the final number over {args.problems} held-out problems, answered with "
+              f"the chat template" if args.problems else "math exact match: not run (--problems 0)"))
     if args.controls:
         from .controls import verdict_lines
 

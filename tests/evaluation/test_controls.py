@@ -132,7 +132,7 @@ def test_a_second_run_reuses_the_checkpoints(run, capsys):
     again = json.loads((root / "ev" / "eval.json").read_text())
     assert ck.stat().st_mtime_ns == before or read_state(ck.parent)["step"] == 3
     assert [r["segment_losses"] for r in again["rows"]] == [r["segment_losses"] for r in data["rows"]]
-    capsys.readouterr()
+    assert "math exact match: not run (--problems 0)" in capsys.readouterr().out
 
 
 def test_another_budget_in_the_same_work_dir_is_refused(run, capsys):

@@ -174,6 +174,7 @@ def test_command_writes_eval_json_and_refuses_bad_input(tmp_path, capsys):
     data = json.loads((out / "eval.json").read_text())
     assert [r["kind"] for r in data["rows"]] == ["dense", "static", "prompt-activation", "random"]
     assert f"{data['rows'][1]['parameters']:,}" in table and "gap closed" in table
+    assert "exact match of the final number over 1 held-out problems" in table
     from safetensors.numpy import load_file
 
     assert "random/prose/ffn.0" in load_file(str(out / "masks.safetensors"))

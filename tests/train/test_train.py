@@ -104,6 +104,18 @@ def test_resume_continues_exactly(tiny_model_dir, data_dir, tmp_path, stage, dat
     assert ifp.count_parameters(small) < ifp.count_parameters(s.program)
 
 
+def test_raising_steps_continues_a_finished_run_exactly(tiny_model_dir, data_dir, tmp_path):
+    """A finished 3-step run asked for 6 steps == a 6-step run: eval --controls --train-steps relies on it."""
+    kw = dict(batch_size=2, train_llm=True, llm_lr=1e-3)
+    whole = run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "whole", steps=6, save_every=0, **kw))
+    short = run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "part", steps=3, save_every=0, **kw))
+    assert short.steps == 3
+    longer = run(cfg_of(tiny_model_dir, data_dir / "text.jsonl", tmp_path / "part", steps=6, save_every=2, **kw))
+    assert longer.steps == 6 and longer.losses == whole.losses
+    for f in ("predictor.safetensors", "optimizer.safetensors", "llm.safetensors"):
+        assert (tmp_path / "whole" / "checkpoint" / f).read_bytes() == (tmp_path / "part" / "checkpoint" / f).read_bytes()
+
+
 def test_data_parallel_matches_single_process(tiny_model_dir, data_dir, tmp_path):
     """torchrun with 2 gloo processes (2 examples each) == 1 process with the batch of 4."""
     kw = dict(steps=4, batch_size=4, train_llm=True, llm_lr=1e-3, resume=False)
