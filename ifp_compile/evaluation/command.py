@@ -105,6 +105,7 @@ def _predictor_source(path: str, widths: list[int], counts: list[int]):
 def _train_controls(args, out: Path | None, log):
     from dataclasses import replace
 
+    from ..dtypes import name as dtype_name
     from .controls import select, train_controls
 
     controls = select(args.control_kinds)
@@ -112,7 +113,8 @@ def _train_controls(args, out: Path | None, log):
     budget = replace(base, steps=args.train_steps or base.steps, texts_per_domain=args.train_texts or base.texts_per_domain,
                      keep=args.keep, seed=args.seed, encoder_layers=args.encoder_layers,
                      temperature=args.temperature or base.temperature,
-                     tokenizer="bytes" if args.tokenizer == "bytes" else None, dtype=args.dtype)
+                     tokenizer="bytes" if args.tokenizer == "bytes" else None,
+                     dtype=None if args.dtype is None else dtype_name(args.dtype))  # the config is JSON
     if args.work:
         work = Path(args.work)
     elif out is not None:  # beside OUT, not in it: OUT is replaced whole when written

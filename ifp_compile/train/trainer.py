@@ -32,6 +32,7 @@ from ..progress import quiet, status
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError
 from .data import ByteTokenizer, Example, load_examples
+from .master_weights import MasterWeights
 
 CHECKPOINT = "checkpoint"
 
@@ -243,7 +244,15 @@ def _mean_across(value: torch.Tensor, world: World) -> float:
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
-def _optimizer(s: Setup) -> torch.optim.Optimizer:
+def _nonfinite_advice(s: Setup, cfg: TrainConfig) -> str:
+    lower = f"lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})"
+    if next(s.model.parameters()).dtype == torch.float16:  # float16 overflows at 65504
+        return f"in float16 this is usually an overflow: train in bfloat16 or float32 (\"dtype\"), or {lower}"
+    return lower
+
+
+def _optimizer(s: Setup) -> tuple[torch.optim.Optimizer, MasterWeights]:
+    """AdamW over the trainable parameters, stepping float32 copies of the half-precision ones."""
     cfg = s.config
     llm = list(s.llm_parameters().values())
     for p in llm:
@@ -256,7 +265,10 @@ def _optimizer(s: Setup) -> torch.optim.Optimizer:
         groups.append({"params": encoder, "lr": cfg.llm_lr})
     if cfg.train_llm:
         groups.append({"params": llm, "lr": cfg.llm_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    master = MasterWeights(p for g in groups for p in g["params"])
+    for g in groups:
+        g["params"] = [master.stand_in(p) for p in g["params"]]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), master
 
 
 def static_scores(program: torch.export.ExportedProgram, examples: list[Example]) -> list[torch.Tensor]:
@@ -321,14 +333,15 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
     if cfg.predictor.init == "static" and not resuming:
         _static_init(s, examples)
     s.loss.to(world.device)  # before the optimizer, so its state lives beside the parameters
-    optimizer = _optimizer(s)
+    optimizer, master = _optimizer(s)
     step, losses = 0, []
     if resuming:
         state = ckpt.read_state(ck)
         _check_same_run(state, cfg, ck)
-        ckpt.load_into(s.predictor_parameters(), ck / "predictor.safetensors", "predictor")
+        ckpt.load_into(master.swap(s.predictor_parameters()), ck / "predictor.safetensors", "predictor")
         if cfg.train_llm:
-            ckpt.load_into(s.llm_parameters(), ck / "llm.safetensors", "model")
+            ckpt.load_into(master.swap(s.llm_parameters()), ck / "llm.safetensors", "model")
+        master.to_model()
         ckpt.load_optimizer(ck, optimizer, state)
         step, losses = int(state["step"]), list(state["losses"])
     module: nn.Module = s.loss
@@ -349,9 +362,14 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
         loss.backward()
         value = _mean_across(loss, world)
         if not math.isfinite(value):  # before the update: the last checkpoint stays good
-            raise TrainError(f"step {step + 1}: the loss is {value}; lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})")
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            raise TrainError(f"step {step + 1}: the loss is {value}; " + _nonfinite_advice(s, cfg))
+        master.grads_to_master()
+        norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+        if not math.isfinite(norm):  # before the update, like the loss check
+            raise TrainError(f"step {step + 1}: the gradient norm is {norm} (loss {value:.4f}); "
+                             + _nonfinite_advice(s, cfg))
         optimizer.step()
+        master.to_model()
         step += 1
         losses.append(value)
         tokens += sum(len(ex.input_ids) for ex in local) * world.size
@@ -360,10 +378,10 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:.0f}")
             bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < end:
-            _save(s, optimizer, step, losses, ck, world)
+            _save(s, optimizer, master, step, losses, ck, world)
     if bar is not None:
         bar.close()
-    _save(s, optimizer, step, losses, ck, world)
+    _save(s, optimizer, master, step, losses, ck, world)
     rate = tokens / max(time.perf_counter() - t0, 1e-9)
     return Result(losses, step, ck, rate)
 
@@ -382,12 +400,13 @@ def _check_same_run(state: dict, cfg: TrainConfig, ck: Path) -> None:
                          "set \"resume\": false or use another \"out\" to start a new run")
 
 
-def _save(s: Setup, optimizer, step: int, losses: list[float], ck: Path, world: World) -> None:
+def _save(s: Setup, optimizer, master: MasterWeights, step: int, losses: list[float], ck: Path,
+          world: World) -> None:
     if world.main:
         cfg = s.config
         state = {"step": step, "losses": losses, "config": cfg.to_json(), "predictor": s.predictor.config()}
-        ckpt.save_checkpoint(ck, predictor_params=s.predictor_parameters(),
-                             llm_params=s.llm_parameters() if cfg.train_llm else None,
+        ckpt.save_checkpoint(ck, predictor_params=master.swap(s.predictor_parameters()),
+                             llm_params=master.swap(s.llm_parameters()) if cfg.train_llm else None,
                              optimizer=optimizer, state=state)
     if world.size > 1:
         import torch.distributed as dist

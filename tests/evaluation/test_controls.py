@@ -10,6 +10,7 @@ and a second run reuses the checkpoints instead of training again.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -206,3 +207,22 @@ def test_a_subset_of_controls_at_another_temperature(run, capsys):
     with pytest.raises(SystemExit):
         main(args[:-2] + ["--temperature", "0", "--out", str(out)])
     assert "--temperature: must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_controls_train_and_evaluate_in_half_precision(run):
+    """--dtype reaches every control's training config (as a name: the config is JSON) and the
+    joint rows train a bfloat16 LLM (float32 master weights, tests/train/test_half_precision_training.py)."""
+    root, _, _ = run
+    out = root / "bf16"
+    args = ["eval", "--model", str(root / "model"), "--tokenizer", "bytes", "--controls", "--quick", "--dtype", "bf16",
+            "--control-kinds", "static-learned", "--encoder-layers", "1", "--static-score", "magnitude",
+            "--segments", "2", "--train-steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert sorted(data["training"]) == ["static-learned", "static-learned-joint"]
+    for kind in data["training"]:
+        ck = root / "bf16.controls" / kind / "checkpoint"
+        assert read_state(ck)["config"]["dtype"] == "bfloat16"
+        assert all(math.isfinite(x) for x in read_state(ck)["losses"])
+    joint = next(r for r in data["rows"] if r["kind"] == "static-learned-joint")
+    assert all(math.isfinite(x) for losses in joint["segment_losses"].values() for x in losses)
