@@ -36,15 +36,18 @@ os.environ.setdefault("IFP_QUIET", "1")
 from ifp_compile.dtypes import name as dtype_name  # noqa: E402
 from ifp_compile.dtypes import parse_dtype  # noqa: E402
 from ifp_compile.evaluation.controls import CONTROLS, Budget, config_for, training_data  # noqa: E402
+from ifp_compile.errors import IFPError  # noqa: E402
 from ifp_compile.train import config_from_dict, run, setup  # noqa: E402
 
 
-def measure(model: str, dtype: torch.dtype, steps: int, work: Path, texts: int) -> dict:
+def measure(model: str, dtype: torch.dtype, steps: int, work: Path, texts: int, tokenizer: str | None,
+            encoder_layers: int) -> dict:
     data = work / "train.jsonl"
     if not data.exists():
         training_data(data, texts)
     static = next(c for c in CONTROLS if c.kind == "static-learned")
-    budget = Budget(steps=steps, texts_per_domain=texts, dtype=dtype_name(dtype))
+    budget = Budget(steps=steps, texts_per_domain=texts, dtype=dtype_name(dtype), tokenizer=tokenizer,
+                    encoder_layers=encoder_layers)
     cfg = config_from_dict(config_for(static, True, model, data, work / dtype_name(dtype), budget))
     s = setup(cfg)
     start = {n: p.detach().clone() for n, p in s.model.named_parameters()}
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="training steps per precision (default 4)")
     p.add_argument("--texts", type=int, default=8, help="training records per domain (default 8)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated precisions (default fp32,bf16,fp16)")
+    p.add_argument("--encoder-layers", type=int, default=4, help="the predictor's encoder depth (default 4)")
+    p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
+                   help="the model's own (default) or bytes, for a test model without tokenizer files")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -82,7 +88,12 @@ def main(argv=None) -> int:
           f"{'master moved':>14}{'model changed':>15}  checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
-            r = measure(args.model, dtype, args.steps, Path(tmp), args.texts)
+            try:
+                r = measure(args.model, dtype, args.steps, Path(tmp), args.texts,
+                            "bytes" if args.tokenizer == "bytes" else None, args.encoder_layers)
+            except IFPError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             finite = all(torch.isfinite(torch.tensor(r["losses"])).tolist())
             print(f"{dtype_name(dtype):<10}{r['losses'][0]:>11.4f}{r['losses'][-1]:>11.4f}{str(finite):>8}"
                   f"{r['seconds']:>8.1f}{r['moved'] / r['total']:>14.2%}{r['changed'] / r['total']:>15.2%}  "
