@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("IFP_QUIET", "1")
 
+from ifp_compile.cli import _positive_int  # noqa: E402
 from ifp_compile.dtypes import name as dtype_name  # noqa: E402
 from ifp_compile.dtypes import parse_dtype  # noqa: E402
 from ifp_compile.evaluation.controls import CONTROLS, Budget, config_for, training_data  # noqa: E402
@@ -69,18 +70,16 @@ def measure(model: str, dtype: torch.dtype, steps: int, work: Path, texts: int, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="default (SmolLM2), an HF directory or a .gguf")
-    p.add_argument("--steps", type=int, default=4, help="training steps per precision (default 4)")
-    p.add_argument("--texts", type=int, default=8, help="training records per domain (default 8)")
+    p.add_argument("--steps", type=_positive_int, default=4, help="training steps per precision (default 4)")
+    p.add_argument("--texts", type=_positive_int, default=8, help="training records per domain (default 8)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated precisions (default fp32,bf16,fp16)")
-    p.add_argument("--encoder-layers", type=int, default=4, help="the predictor's encoder depth (default 4)")
+    p.add_argument("--encoder-layers", type=_positive_int, default=4, help="the predictor's encoder depth (default 4)")
     p.add_argument("--tokenizer", choices=("model", "bytes"), default="model",
                    help="the model's own (default) or bytes, for a test model without tokenizer files")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
     try:
         dtypes = [parse_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    except Exception as e:  # noqa: BLE001 - the message names the bad spelling
+    except IFPError as e:  # the message names the bad spelling
         p.error(f"--dtypes: {e}")
     print(f"{args.model}: joint training (LLM trained, llm_lr 1e-5), static-learned control, {args.steps} steps x 4 "
           f"examples per precision")

@@ -29,9 +29,6 @@ class MasterWeights:
                 self._master[id(p)] = m
                 self._pairs.append((p, m))
 
-    def __bool__(self) -> bool:
-        return bool(self._pairs)
-
     def stand_in(self, p: torch.Tensor) -> torch.Tensor:
         """What the optimizer steps for ``p``: its float32 copy, or ``p`` itself."""
         return self._master.get(id(p), p)

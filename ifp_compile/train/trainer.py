@@ -244,7 +244,8 @@ def _mean_across(value: torch.Tensor, world: World) -> float:
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
-def _nonfinite_advice(s: Setup, cfg: TrainConfig) -> str:
+def _nonfinite_advice(s: Setup) -> str:
+    cfg = s.config
     lower = f"lower lr (now {cfg.lr}) or llm_lr ({cfg.llm_lr})"
     if next(s.model.parameters()).dtype == torch.float16:  # float16 overflows at 65504
         return f"in float16 this is usually an overflow: train in bfloat16 or float32 (\"dtype\"), or {lower}"
@@ -362,12 +363,12 @@ def run(cfg: TrainConfig, *, setup_: Setup | None = None, stop_after: int | None
         loss.backward()
         value = _mean_across(loss, world)
         if not math.isfinite(value):  # before the update: the last checkpoint stays good
-            raise TrainError(f"step {step + 1}: the loss is {value}; " + _nonfinite_advice(s, cfg))
+            raise TrainError(f"step {step + 1}: the loss is {value}; " + _nonfinite_advice(s))
         master.grads_to_master()
         norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
         if not math.isfinite(norm):  # before the update, like the loss check
             raise TrainError(f"step {step + 1}: the gradient norm is {norm} (loss {value:.4f}); "
-                             + _nonfinite_advice(s, cfg))
+                             + _nonfinite_advice(s))
         optimizer.step()
         master.to_model()
         step += 1

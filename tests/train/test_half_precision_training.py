@@ -15,13 +15,13 @@ from tests.train.conftest import make_config
 def _adamw_steps(w: torch.Tensor, grad: torch.Tensor, master: bool, steps: int = 3) -> torch.Tensor:
     w = w.clone().requires_grad_(True)
     mw = MasterWeights([w]) if master else None
-    opt = torch.optim.AdamW([mw.stand_in(w) if mw else w], lr=1e-5)
+    opt = torch.optim.AdamW([mw.stand_in(w) if mw is not None else w], lr=1e-5)
     for _ in range(steps):
         w.grad = grad.clone()
-        if mw:
+        if mw is not None:
             mw.grads_to_master()
         opt.step()
-        if mw:
+        if mw is not None:
             mw.to_model()
     return w.detach()
 
